@@ -1,0 +1,149 @@
+"""Linear CKA between two sets of representations of the same n tokens (METHOD.md §4). Pure tensor math.
+
+    CKA(X, Y) = ‖Yᵀ X‖_F² / (‖Xᵀ X‖_F · ‖Yᵀ Y‖_F)        X: (n, d1), Y: (n, d2), columns centred
+
+Equivalent Gram form `⟨HKH, HLH⟩ / (‖HKH‖ ‖HLH‖)` with K = XXᵀ, L = YYᵀ; the feature form costs O(n·d²),
+the Gram form O(n²·d), and `linear_cka` picks the cheaper. The debiased form uses the unbiased HSIC
+estimator (Song et al. 2012) as in Nguyen, Raghu & Kornblith 2021, written without any n×n matrix.
+
+>>> import torch
+>>> x = torch.randn(64, 8, dtype=torch.float64)
+>>> round(float(linear_cka(x, 3.0 * x)), 6)
+1.0
+"""
+
+from __future__ import annotations
+
+import torch
+
+_EPS = 1e-12
+
+
+def _centre_and_normalise(x: torch.Tensor) -> torch.Tensor:
+    # Scale-normalising first keeps ‖·‖⁴ in range for hidden states with massive activations (CKA is
+    # scale-invariant, so this changes nothing else).
+    x = x - x.mean(dim=0, keepdim=True)
+    return x / x.norm().clamp_min(_EPS)
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"linear_cka needs (n, d) inputs with the same n, got {tuple(x.shape)}, {tuple(y.shape)}")
+
+
+def _debiased_dot(xty_sq, rows_x, rows_y, norm_x, norm_y, n: int):
+    """Unbiased HSIC (up to a factor n(n-3) that cancels in CKA) from row statistics.
+
+    xty_sq = ‖YᵀX‖², rows_* = per-row squared norms, norm_* = their sums (Kornblith et al.'s helper)."""
+    return xty_sq - n / (n - 2.0) * (rows_x @ rows_y) + norm_x * norm_y / ((n - 1.0) * (n - 2.0))
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = False) -> torch.Tensor:
+    """Linear CKA of `x` (n, d1) and `y` (n, d2) as a scalar tensor, differentiable.
+
+    Computed in at least float32 (float64 inputs stay float64). The biased form lies in [0, 1]; the debiased
+    form needs n > 3 and can be slightly negative for unrelated inputs.
+    """
+    _check_pair(x, y)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    x = _centre_and_normalise(x.to(dtype))
+    y = _centre_and_normalise(y.to(dtype))
+    n = x.shape[0]
+    if debiased:
+        if n <= 3:
+            raise ValueError(f"debiased CKA needs more than 3 tokens, got {n}")
+        return _debiased_feature_cka(x, y)
+    if n > max(x.shape[1], y.shape[1]):
+        cross = (y.T @ x).square().sum()
+        denom = (x.T @ x).norm() * (y.T @ y).norm()
+    else:
+        k, l = x @ x.T, y @ y.T  # already centred, so HKH = K
+        cross = (k * l).sum()
+        denom = k.norm() * l.norm()
+    return cross / denom.clamp_min(_EPS)
+
+
+def _debiased_feature_cka(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    rows_x, rows_y = x.square().sum(1), y.square().sum(1)
+    norm_x, norm_y = rows_x.sum(), rows_y.sum()
+    hsic_xy = _debiased_dot((y.T @ x).square().sum(), rows_x, rows_y, norm_x, norm_y, n)
+    hsic_xx = _debiased_dot((x.T @ x).square().sum(), rows_x, rows_x, norm_x, norm_x, n)
+    hsic_yy = _debiased_dot((y.T @ y).square().sum(), rows_y, rows_y, norm_y, norm_y, n)
+    return hsic_xy / (hsic_xx.clamp_min(_EPS) * hsic_yy.clamp_min(_EPS)).sqrt()
+
+
+def unbiased_hsic_terms(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(HSIC_u(X,Y), HSIC_u(X,X), HSIC_u(Y,Y)) of one minibatch, each divided by n(n-3) so minibatches of
+    different sizes average correctly (Nguyen et al. 2021 average these over minibatches)."""
+    _check_pair(x, y)
+    n = x.shape[0]
+    if n <= 3:
+        raise ValueError(f"unbiased HSIC needs more than 3 tokens, got {n}")
+    x = x.to(torch.float64)
+    y = y.to(torch.float64)
+    x, y = x - x.mean(0), y - y.mean(0)
+    rows_x, rows_y = x.square().sum(1), y.square().sum(1)
+    norm_x, norm_y = rows_x.sum(), rows_y.sum()
+    terms = torch.stack([
+        _debiased_dot((y.T @ x).square().sum(), rows_x, rows_y, norm_x, norm_y, n),
+        _debiased_dot((x.T @ x).square().sum(), rows_x, rows_x, norm_x, norm_x, n),
+        _debiased_dot((y.T @ y).square().sum(), rows_y, rows_y, norm_y, norm_y, n),
+    ])
+    return terms / (n * (n - 3.0))
+
+
+class CKAAccumulator:
+    """Streaming CKA of one layer over many minibatches, in float64.
+
+    `biased()` is the exact full-data linear CKA over every token seen (sufficient statistics Σx, Σy, XᵀX,
+    YᵀY, YᵀX, kept about a shift taken from the first batch so the centring does not cancel digits away).
+    `debiased()` is the minibatch estimator of Nguyen et al. 2021: mean unbiased HSIC over minibatches.
+    Memory: three d×d float64 matrices.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.batches = 0
+        self._shift: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._sums: dict[str, torch.Tensor] = {}
+        self._hsic = torch.zeros(3, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a minibatch: x (n, d1) student, y (n, d2) teacher, rows paired."""
+        _check_pair(x, y)
+        x = x.detach().to(torch.float64)
+        y = y.detach().to(torch.float64)
+        if self._shift is None:
+            self._shift = (x.mean(0), y.mean(0))
+            d1, d2 = x.shape[1], y.shape[1]
+            z = dict(dtype=torch.float64, device=x.device)
+            self._sums = {"x": torch.zeros(d1, **z), "y": torch.zeros(d2, **z), "xx": torch.zeros(d1, d1, **z),
+                          "yy": torch.zeros(d2, d2, **z), "yx": torch.zeros(d2, d1, **z)}
+        xs, ys = x - self._shift[0], y - self._shift[1]
+        s = self._sums
+        s["x"] += xs.sum(0)
+        s["y"] += ys.sum(0)
+        s["xx"] += xs.T @ xs
+        s["yy"] += ys.T @ ys
+        s["yx"] += ys.T @ xs
+        self.n += x.shape[0]
+        if x.shape[0] > 3:
+            self._hsic += unbiased_hsic_terms(x, y).cpu()
+            self.batches += 1
+
+    def biased(self) -> float:
+        if self.n < 2:
+            return float("nan")
+        s, n = self._sums, self.n
+        mx, my = s["x"] / n, s["y"] / n
+        cxx = s["xx"] - n * torch.outer(mx, mx)
+        cyy = s["yy"] - n * torch.outer(my, my)
+        cyx = s["yx"] - n * torch.outer(my, mx)
+        return float(cyx.square().sum() / (cxx.norm() * cyy.norm()).clamp_min(_EPS))
+
+    def debiased(self) -> float:
+        if self.batches == 0:
+            return float("nan")
+        xy, xx, yy = (self._hsic / self.batches).tolist()
+        return float(xy / max(xx * yy, _EPS) ** 0.5)

@@ -1,0 +1,193 @@
+"""`ckaqad` command line. Flags mirror the config dataclasses field for field (help = the field docstring);
+`--config run.yaml` supplies any of them, flags given on the command line win.
+
+This is the one place that catches `CkaqadError`: it prints `ckaqad: error: …` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import sys
+import textwrap
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+from ckaqad.errors import CkaqadError, ConfigError
+
+# ------------------------------------------------------------------------ dataclass <-> argparse mapping
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each dataclass field."""
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return docs
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _arg_type(annotation) -> tuple[Callable, bool]:
+    """(parser, is_bool) for a field annotation such as `int`, `str | None`, `tuple[str, ...]`."""
+    text = str(annotation)
+    if "bool" in text:
+        return (lambda v: v), True
+    if "tuple" in text:
+        return (lambda v: tuple(p.strip() for p in v.split(",") if p.strip())), False
+    if "int" in text and "str" not in text:
+        return int, False
+    if "float" in text and "str" not in text:
+        return float, False
+    return str, False
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        parse, is_bool = _arg_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{docs.get(f.name, '')} (default: {default})"
+        if is_bool:
+            group.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(flag(f.name), dest=f.name, type=parse, default=argparse.SUPPRESS, help=help_text)
+
+
+def build_config(cls: type, values: dict, skip: tuple[str, ...] = ()):
+    names = {f.name for f in dataclasses.fields(cls)} - set(skip)
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"--config file does not exist: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def merged_values(args: argparse.Namespace, classes: list[type]) -> dict:
+    """YAML values overridden by explicit flags; unknown YAML keys are an error."""
+    values = dict(vars(args))
+    yaml_path = values.pop("config", None)
+    values.pop("command", None)
+    values.pop("handler", None)
+    if yaml_path:
+        from_yaml = load_yaml(yaml_path)
+        known = {f.name for cls in classes for f in dataclasses.fields(cls)}
+        unknown = sorted(set(from_yaml) - known)
+        if unknown:
+            raise ConfigError(f"--config {yaml_path}: unknown option(s) {', '.join(unknown)}")
+        for key, value in from_yaml.items():
+            if isinstance(value, list):
+                value = tuple(value)
+            values.setdefault(key, value)
+    return values
+
+
+# ---------------------------------------------------------------------------------------- subcommands
+
+
+def _diagnose(values: dict) -> int:
+    from ckaqad.data import DataConfig
+    from ckaqad.diagnose import DiagnoseConfig, run_diagnose
+    from ckaqad.quantize import QuantConfig
+
+    config = build_config(DiagnoseConfig, values)
+    data = build_config(DataConfig, values)
+    quant = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(QuantConfig)}
+             and k not in ("format", "scheme")}
+    QuantConfig(**quant)  # validate before any work
+    run_diagnose(config, data, quant)
+    return 0
+
+
+def _commands() -> dict[str, tuple[str, list[tuple[type, tuple[str, ...]]], Callable[[dict], int]]]:
+    from ckaqad.data import DataConfig
+    from ckaqad.diagnose import DiagnoseConfig
+    from ckaqad.quantize import QuantConfig
+
+    commands = {
+        "diagnose": ("layerwise CKA, KL and perplexity of NVFP4 (or other) students against the teacher",
+                     [(DiagnoseConfig, ()), (QuantConfig, ("format", "scheme")), (DataConfig, ())], _diagnose),
+    }
+    commands.update(_later_commands())
+    return commands
+
+
+def _later_commands() -> dict:
+    """Commands whose modules import heavier dependencies; registered here so `--help` lists them all."""
+    out = {}
+    try:
+        from ckaqad.distill import cli_commands as distill_commands
+    except ImportError:
+        distill_commands = None
+    if distill_commands:
+        out.update(distill_commands())
+    for module_name in ("ckaqad.export", "ckaqad.evaluate"):
+        try:
+            module = __import__(module_name, fromlist=["cli_commands"])
+        except ImportError:
+            continue
+        if hasattr(module, "cli_commands"):
+            out.update(module.cli_commands())
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ckaqad import __version__
+
+    parser = argparse.ArgumentParser(prog="ckaqad", description="NVFP4 students, CKA diagnosis and CKA-QAD")
+    parser.add_argument("--version", action="version", version=f"ckaqad {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, classes, handler) in _commands().items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", default=None, help="YAML file with any of the options below (flags win)")
+        for cls, skip in classes:
+            add_dataclass_args(p, cls, skip)
+        p.set_defaults(handler=handler, classes=[c for c, _ in classes])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler, classes = args.handler, args.classes
+    del args.classes
+    try:
+        return handler(merged_values(args, classes))
+    except CkaqadError as exc:
+        print(f"ckaqad: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ckaqad: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""MXFP4 (OCP Microscaling): FP4 E2M1 elements in blocks of 32 along the last dim, one E8M0 (power of two)
+scale per block, no global scale. For comparison with NVFP4; the E2M1 grid comes from `nvfp4`.
+
+    e   = floor(log2(block_amax)) - 2          (2 = exponent of the largest E2M1 value, 6 = 1.5 * 2**2)
+    q   = round_e2m1(|x| / 2**e)  (ties to even, saturating at 6)
+    out = sign(x) * q * 2**e
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ckaqad.formats.nvfp4 import E2M1_VALUES, check_blockable, e2m1_grid, e2m1_index
+from ckaqad.formats.ste import straight_through
+
+BLOCK_SIZE = 32
+E2M1_EMAX = 2
+E8M0_BIAS = 127
+
+
+@dataclass
+class MXFP4Tensor:
+    """`codes` (uint8 0..15, input shape) and `scale_exponents` (uint8 biased E8M0, `[..., K/32]`)."""
+
+    codes: torch.Tensor
+    scale_exponents: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        values = e2m1_grid(self.codes.device)[self.codes.long()]
+        scale = torch.exp2(self.scale_exponents.to(torch.float32) - E8M0_BIAS)
+        return (values.unflatten(-1, (-1, BLOCK_SIZE)) * scale.unsqueeze(-1)).flatten(-2)
+
+
+def _blocks(x: torch.Tensor):
+    check_blockable(x, BLOCK_SIZE, "MXFP4")
+    blocks = x.to(torch.float32).unflatten(-1, (-1, BLOCK_SIZE))
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    # A zero block gets the smallest scale; its elements quantize to 0 whatever the scale.
+    exponent = torch.floor(torch.log2(amax.clamp_min(2.0**-126))) - E2M1_EMAX
+    exponent = exponent.clamp(-E8M0_BIAS, E8M0_BIAS)
+    index = e2m1_index(blocks.abs() / torch.exp2(exponent))
+    return blocks, index, exponent
+
+
+def quantize(x: torch.Tensor, global_amax=None) -> MXFP4Tensor:
+    """Quantize `x` (last dim a multiple of 32). `global_amax` is accepted for a uniform API and ignored."""
+    blocks, index, exponent = _blocks(x)
+    codes = (torch.signbit(blocks).to(torch.uint8) << 3) | index
+    return MXFP4Tensor(codes.flatten(-2), (exponent.squeeze(-1) + E8M0_BIAS).to(torch.uint8))
+
+
+def fake_quantize_reference(x: torch.Tensor, global_amax=None) -> torch.Tensor:
+    blocks, index, exponent = _blocks(x)
+    mags = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=x.device)[index.long()]
+    out = torch.where(torch.signbit(blocks), -mags, mags) * torch.exp2(exponent)
+    return out.flatten(-2).to(x.dtype)
+
+
+def fake_quantize(x: torch.Tensor, global_amax=None, clip_gradient: bool = False) -> torch.Tensor:
+    """MXFP4 quantize-dequantize with a straight-through gradient; same shape and dtype as `x`."""
+    return straight_through(fake_quantize_reference, x, None, clip_gradient)
