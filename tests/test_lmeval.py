@@ -69,6 +69,21 @@ def _write_task(tmp_path, labels: list[int], name: str = "tiny_mc"):
     return task_dir
 
 
+@pytest.fixture(autouse=True)
+def _restore_offline_switches(monkeypatch):
+    """run_lm_eval turns the HF libraries offline for good; undo that after each test."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from ckaqad.lmeval import OFFLINE_ENV
+
+    for key in OFFLINE_ENV:
+        monkeypatch.delenv(key, raising=False)  # recorded: restored (or removed again) at teardown
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_UPDATE_DOWNLOAD_COUNTS"):
+        monkeypatch.setattr(datasets.config, name, getattr(datasets.config, name))
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Record (and refuse) every attempt to resolve a name or open a connection."""
@@ -93,9 +108,7 @@ def test_local_task_accuracy_matches_independent_scoring(tmp_path, tiny_model, t
     task_dir = _write_task(tmp_path, labels)
 
     tiny_model.train()
-    results = run_lm_eval(
-        tiny_model, tiny_tokenizer, ["tiny_mc"], str(task_dir), batch_size=4, include_defaults=False
-    )
+    results = run_lm_eval(tiny_model, tiny_tokenizer, ["tiny_mc"], str(task_dir), batch_size=4, include_defaults=False)
     assert set(results) == {"tiny_mc"}
     metrics = results["tiny_mc"]
     assert metrics["acc"] == pytest.approx(4 / 6, abs=1e-9)
@@ -134,9 +147,7 @@ def test_unknown_task_among_the_builtin_registry(tmp_path, tiny_model, tiny_toke
 @pytest.mark.parametrize("limit", [0, -3, 0.5, True])
 def test_bad_limit_is_a_config_error(tmp_path, tiny_model, tiny_tokenizer, limit):
     with pytest.raises(ConfigError, match="limit"):
-        run_lm_eval(
-            tiny_model, tiny_tokenizer, ["tiny_mc"], str(tmp_path), limit=limit, include_defaults=False
-        )
+        run_lm_eval(tiny_model, tiny_tokenizer, ["tiny_mc"], str(tmp_path), limit=limit, include_defaults=False)
 
 
 def test_bad_arguments_are_config_errors(tmp_path, tiny_model, tiny_tokenizer):

@@ -1,16 +1,153 @@
-"""Checkpoint manager (filled in with the distillation loop)."""
+"""Checkpoint manager: owns the save policy, `step-N` directories, resume discovery and the completion marker.
+
+A checkpoint `run/checkpoints/step-000050/` holds
+    student/                 the student directory (students.py), loadable on its own
+    optimizer.safetensors    optimizer tensors (`state.<param index>.<name>`)
+    rng.safetensors          torch CPU (and CUDA) RNG states
+    state.json               step, scheduler state, optimizer param groups and scalar state, data position
+    COMPLETE                 written last
+It is built in a temp dir and renamed, so a kill mid-write leaves the previous checkpoint the newest complete
+one. No pickle anywhere: tensors go to safetensors, everything else to JSON.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ckaqad.errors import CheckpointError, ConfigError
+from ckaqad.files import atomic_directory
 
 COMPLETE_MARKER = "COMPLETE"
 
 
+@dataclass
+class CheckpointConfig:
+    save_every: int = 50
+    """save a checkpoint every N optimizer steps (and always at the last step)"""
+    keep_last: int = 2
+    """number of most recent checkpoints kept"""
+
+    def __post_init__(self) -> None:
+        if self.save_every < 1 or self.keep_last < 1:
+            raise ConfigError("--save-every and --keep-last must be at least 1")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest `step-N` directory under `root` that has its completion marker."""
+    root = Path(root)
     if not root.is_dir():
         return None
     steps = sorted((p for p in root.glob("step-*") if (p / COMPLETE_MARKER).exists()),
                    key=lambda p: int(p.name.split("-")[1]))
     return steps[-1] if steps else None
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able rest."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda{i}"] = s
+    return states
+
+
+def set_rng_state(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class CheckpointManager:
+    """`save(step, ...)` when the policy says so, `load()` the newest complete checkpoint."""
+
+    def __init__(self, run_dir: Path, config: CheckpointConfig) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.config = config
+
+    def should_save(self, step: int, last_step: int) -> bool:
+        return step % self.config.save_every == 0 or step == last_step
+
+    def save(self, step: int, student, quant_config, optimizer, scheduler, extra: dict | None = None) -> Path:
+        from ckaqad.students import save_student_dir
+
+        target = self.root / step_dir_name(step)
+        with atomic_directory(target) as tmp:
+            save_student_dir(student, quant_config, tmp / "student", extra={"step": step})
+            tensors, opt_meta = optimizer_to_files(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            save_file(rng_state(), str(tmp / "rng.safetensors"))
+            state = {"step": step, "scheduler": scheduler.state_dict(), "optimizer": opt_meta, **(extra or {})}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
+            (tmp / COMPLETE_MARKER).write_text(str(step))
+        self._prune()
+        return target
+
+    def _prune(self) -> None:
+        complete = sorted((p for p in self.root.glob("step-*") if (p / COMPLETE_MARKER).exists()),
+                          key=lambda p: int(p.name.split("-")[1]))
+        for old in complete[: -self.config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        # Our own temp dir was renamed already, so any left are from a writer that was killed.
+        for stale in self.root.glob(".step-*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.root)
+
+    def load(self, student, optimizer, scheduler) -> dict:
+        """Restore student weights, optimizer, scheduler and RNG from the newest checkpoint; return state.json."""
+        step_dir = self.latest()
+        if step_dir is None:
+            raise CheckpointError(f"no complete checkpoint under {self.root}")
+        device = next(student.parameters()).device
+        weights = load_file(str(step_dir / "student" / "model.safetensors"), device=str(device))
+        missing, unexpected = student.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise CheckpointError(f"{step_dir}: weights do not fit the student ({missing[:3]}, {unexpected[:3]})")
+        state = json.loads((step_dir / "state.json").read_text())
+        tensors = load_file(str(step_dir / "optimizer.safetensors"), device=str(device))
+        optimizer.load_state_dict(optimizer_from_files(tensors, state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(load_file(str(step_dir / "rng.safetensors")))
+        return state
+
+
+def _json_default(value):
+    if torch.is_tensor(value):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

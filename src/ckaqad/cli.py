@@ -127,36 +127,55 @@ def _diagnose(values: dict) -> int:
     return 0
 
 
-def _commands() -> dict[str, tuple[str, list[tuple[type, tuple[str, ...]]], Callable[[dict], int]]]:
+def _distill(values: dict) -> int:
+    from ckaqad.checkpoint import CheckpointConfig
     from ckaqad.data import DataConfig
-    from ckaqad.diagnose import DiagnoseConfig
+    from ckaqad.distill import DistillConfig, run_distill
+    from ckaqad.losses import LossConfig
     from ckaqad.quantize import QuantConfig
 
-    commands = {
+    configs = [build_config(cls, values) for cls in (DistillConfig, LossConfig, QuantConfig, DataConfig,
+                                                      CheckpointConfig)]
+    run_distill(*configs)
+    return 0
+
+
+def _demo(values: dict) -> int:
+    from ckaqad.demo import DemoConfig, run_demo
+
+    run_demo(build_config(DemoConfig, values))
+    return 0
+
+
+def _commands() -> dict[str, tuple[str, list[tuple[type, tuple[str, ...]]], Callable[[dict], int]]]:
+    """Every subcommand: (help, [(config dataclass, fields not exposed)], handler). The one registry of names."""
+    from ckaqad.checkpoint import CheckpointConfig
+    from ckaqad.data import DataConfig
+    from ckaqad.demo import DemoConfig
+    from ckaqad.diagnose import DiagnoseConfig
+    from ckaqad.distill import DistillConfig
+    from ckaqad.losses import LossConfig
+    from ckaqad.quantize import QuantConfig
+
+    return {
         "diagnose": ("layerwise CKA, KL and perplexity of NVFP4 (or other) students against the teacher",
                      [(DiagnoseConfig, ()), (QuantConfig, ("format", "scheme")), (DataConfig, ())], _diagnose),
+        "distill": ("quantization-aware distillation of the student: KL-only QAD or CKA-QAD",
+                    [(DistillConfig, ()), (LossConfig, ()), (QuantConfig, ()), (DataConfig, ()),
+                     (CheckpointConfig, ())], _distill),
+        "demo": ("embedded model -> PTQ -> KL-QAD and CKA-QAD -> diagnosis -> report.md/report.html",
+                 [(DemoConfig, ())], _demo),
+        **_export_eval_commands(),
     }
-    commands.update(_later_commands())
+
+
+def _export_eval_commands() -> dict:
+    from ckaqad import evaluate, export
+
+    commands = dict(evaluate.cli_commands())
+    if hasattr(export, "cli_commands"):
+        commands.update(export.cli_commands())
     return commands
-
-
-def _later_commands() -> dict:
-    """Commands whose modules import heavier dependencies; registered here so `--help` lists them all."""
-    out = {}
-    try:
-        from ckaqad.distill import cli_commands as distill_commands
-    except ImportError:
-        distill_commands = None
-    if distill_commands:
-        out.update(distill_commands())
-    for module_name in ("ckaqad.export", "ckaqad.evaluate"):
-        try:
-            module = __import__(module_name, fromlist=["cli_commands"])
-        except ImportError:
-            continue
-        if hasattr(module, "cli_commands"):
-            out.update(module.cli_commands())
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,8 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckaqad", description="NVFP4 students, CKA diagnosis and CKA-QAD")
     parser.add_argument("--version", action="version", version=f"ckaqad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, classes, handler) in _commands().items():
+    for name, (help_text, classes, handler, *positional) in _commands().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        for arg in positional:
+            p.add_argument(arg, nargs="+", help="result directories")
         p.add_argument("--config", default=None, help="YAML file with any of the options below (flags win)")
         for cls, skip in classes:
             add_dataclass_args(p, cls, skip)

@@ -300,7 +300,7 @@ def generate_completions(
     if tokenizer.eos_token_id is not None:
         gen_kwargs["eos_token_id"] = tokenizer.eos_token_id
     if do_sample:
-        gen_kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=None)
+        gen_kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)  # 0: no top-k cut
 
     old_side = tokenizer.padding_side
     was_training = getattr(model, "training", False)

@@ -54,8 +54,7 @@ def quantize(x: torch.Tensor, global_amax=None) -> MXFP4Tensor:
 def fake_quantize_reference(x: torch.Tensor, global_amax=None) -> torch.Tensor:
     blocks, index, exponent = _blocks(x)
     mags = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=x.device)[index.long()]
-    out = torch.where(torch.signbit(blocks), -mags, mags) * torch.exp2(exponent)
-    return out.flatten(-2).to(x.dtype)
+    return torch.copysign(mags * torch.exp2(exponent), blocks).flatten(-2).to(x.dtype)
 
 
 def fake_quantize(x: torch.Tensor, global_amax=None, clip_gradient: bool = False) -> torch.Tensor:
