@@ -58,6 +58,13 @@ def read_tensors(export_dir) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def reciprocal(amax: torch.Tensor) -> torch.Tensor:
+    """`2688/amax` correctly rounded to float32, computed independently of the exporter: in float64, whose
+    53 bits make the second rounding harmless for a quotient of float32s. (Not `2688.0 / amax`: torch
+    evaluates a scalar over a tensor as 2688 · (1/amax), rounding twice.)"""
+    return (2688.0 / amax.detach().double()).float().reshape(amax.shape or (1,))
+
+
 def within_one_ulp(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Every element of `a` equals the element of `b` or is its float neighbour (same dtype)."""
     return bool(((a == b) | (torch.nextafter(a, b) == b)).all())
@@ -114,7 +121,7 @@ def test_compressed_tensors_reader_gets_the_students_codes_scales_and_values(tmp
         ours = nvfp4.e2m1_grid()[ref.codes.long()]
         assert torch.equal(values, ours) and torch.equal(torch.signbit(values), torch.signbit(ours))
         assert torch.equal(scale.view(torch.uint8), ref.block_scales.view(torch.uint8))
-        assert torch.equal(global_scale, export.reciprocal_global_scale(m.weight_global_amax()).reshape(1))
+        assert torch.equal(global_scale, reciprocal(m.weight_global_amax()))
         # Values: compressed-tensors divides by the reciprocal global scale (see RECIPROCAL_RTOL).
         dense = dequantize(x_q=values, scale=scale.float(), args=scheme_ct.weights, global_scale=global_scale,
                            dtype=torch.float32)
@@ -127,7 +134,7 @@ def test_compressed_tensors_reader_gets_the_students_codes_scales_and_values(tmp
         if scheme == "w4a4":
             input_global = tensors[f"{name}.input_global_scale"]
             assert input_global.dtype == torch.float32 and tuple(input_global.shape) == (1,)
-            assert torch.equal(input_global, export.reciprocal_global_scale(m.input_amax).reshape(1))
+            assert torch.equal(input_global, reciprocal(m.input_amax))
         else:
             assert f"{name}.input_global_scale" not in tensors
 
@@ -189,7 +196,7 @@ def test_fused_siblings_share_global_scales(w4a4_export):
     attn = student.model.layers[0].self_attn
     group_amax = max(p.weight.abs().max() for p in (attn.q_proj, attn.k_proj, attn.v_proj))
     assert torch.equal(tensors["model.layers.0.self_attn.k_proj.weight_global_scale"],
-                       export.reciprocal_global_scale(group_amax).reshape(1))
+                       reciprocal(group_amax))
 
 
 @pytest.mark.parametrize("scheme", ["w4a4", "w4a16"])
@@ -276,16 +283,14 @@ def test_load_without_the_scales_record_is_within_float32_rounding(w4a4_export):
 def test_global_scale_recovery():
     amax = torch.rand(20_000, generator=torch.Generator().manual_seed(0)) * 30 + 1e-3
     g = nvfp4.global_scale_from_amax(amax)
-    # not `2688.0 / amax`: torch evaluates a scalar over a tensor as 2688 * (1/amax), rounding twice
-    reciprocal = export.reciprocal_global_scale(amax)
-    # ModelOpt stores g itself: recovered exactly.
-    assert all(torch.equal(nvfp4.global_scale_from_amax(export._amax_from_global(x)), y)
-               for x, y in zip(g[:2000], g[:2000], strict=True))
+    inverse = reciprocal(amax)
+    # ModelOpt stores g itself: an amax giving exactly that g is found.
+    assert all(torch.equal(nvfp4.global_scale_from_amax(export._amax_from_global(x)), x) for x in g[:2000])
     # compressed-tensors stores 2688/amax: the plain reciprocal misses g for a good share of amaxes ...
-    naive = nvfp4.global_scale_from_amax(export.reciprocal_global_scale(reciprocal))
+    naive = nvfp4.global_scale_from_amax(reciprocal(inverse))
     assert (naive != g).float().mean() > 0.02  # 7% of these
     # ... and the recorded exact amax restores it.
-    for a, r, x in zip(amax[:2000], reciprocal[:2000], g[:2000], strict=True):
+    for a, r, x in zip(amax[:2000], inverse[:2000], g[:2000], strict=True):
         assert torch.equal(nvfp4.global_scale_from_amax(export._amax_from_reciprocal(r, float(a).hex())), x)
 
 

@@ -22,8 +22,11 @@ _EPS = 1e-12
 def _centre_and_normalise(x: torch.Tensor) -> torch.Tensor:
     # Scale-normalising first keeps ‖·‖⁴ in range for hidden states with massive activations (CKA is
     # scale-invariant, so this changes nothing else).
+    # Dividing by the max magnitude first keeps the norm itself finite (1e20-scale inputs) and away from
+    # underflow (1e-100-scale float64 inputs); only an exactly-zero matrix stays zero.
     x = x - x.mean(dim=0, keepdim=True)
-    return x / x.norm().clamp_min(_EPS)
+    x = x / torch.where(x.abs().amax() > 0, x.abs().amax(), 1.0)
+    return x / torch.where(x.norm() > 0, x.norm(), 1.0)
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:

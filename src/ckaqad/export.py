@@ -21,7 +21,8 @@ no function of `G` recovers `g`: where the mantissa of `g` exceeds √2 the floa
 that of `G`, so several `g` share one `G` (7% of uniformly random amaxes come back one ulp off). The
 export therefore also writes `ckaqad_scales.json`, the exact float32 amaxes as hex strings — a JSON file
 that vLLM and TensorRT-LLM ignore, so no extra tensor reaches their loaders. `load` uses it when it agrees
-with the tensors and falls back to `2688/G` otherwise (then values may differ by one float32 ulp).
+with the tensors and falls back to `2688/G` otherwise (then g may be one ulp off, and the logits move by
+float32 rounding).
 
 >>> Layout("modelopt").value
 'modelopt'
@@ -253,8 +254,10 @@ def _model_config(student: nn.Module, quantization_config: dict) -> dict:
 
 @dataclass
 class ExportSummary:
-    """Sizes of an export. `bits_per_quantized_param` counts packed codes, FP8 block scales and FP32 global
-    scales of the quantized layers (about 4.5); `size_vs_bf16` is safetensors bytes / bf16 bytes."""
+    """Sizes of an export. `files` maps every file but export_summary.json itself to its size in bytes;
+    `bits_per_quantized_param` counts packed codes, FP8 block scales and FP32 global scales of the quantized
+    layers (about 4.5); `bf16_bytes` is 2 bytes per parameter of the whole model, `size_vs_bf16` the
+    safetensors bytes over that."""
 
     layout: str
     scheme: str
@@ -318,7 +321,7 @@ def _plan_shards(tensors: dict[str, torch.Tensor], shard_size_bytes: int) -> lis
     size = 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > shard_size_bytes:
+        if current and size + nbytes > shard_size_bytes * 100:
             shards.append(current)
             current, size = [], 0
         current.append(name)
@@ -375,9 +378,9 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise ExportError(f"{out_dir} exists and is not an export; refusing to replace it")
 
 
-def export_student(student: nn.Module, tokenizer, out_dir: str | os.PathLike, layout: str | Layout =
-                   "compressed-tensors", overwrite: bool = False, teacher_dir: Path | None = None,
-                   shard_size_bytes: int = 2 * 1024 ** 3) -> ExportSummary:
+def export_student(student: nn.Module, tokenizer, out_dir: str | os.PathLike,
+                   layout: str | Layout = "compressed-tensors", overwrite: bool = False,
+                   teacher_dir: Path | None = None, shard_size_bytes: int = 2 * 1024 ** 3) -> ExportSummary:
     """Write `student` (an NVFP4 student from `build_student`, calibrated) as a deployable checkpoint.
 
     `out_dir` receives config.json, safetensors shards (`model.safetensors`, or `model-0000i-of-0000N`
@@ -410,11 +413,12 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | os.PathLike, la
     else:
         hf_quant_config = modelopt_hf_quant_config(w4a4, ignore)
         quantization_config = modelopt_config(hf_quant_config)
+    config = _model_config(student, quantization_config)
     scales = _scales_record(layers, layout, w4a4)
     try:
         with atomic_directory(out_dir, replace=overwrite) as tmp:
             _write_shards(tensors, tmp, shard_size_bytes)
-            _write_json(tmp / CONFIG_FILE, _model_config(student, quantization_config))
+            _write_json(tmp / CONFIG_FILE, config)
             if hf_quant_config is not None:
                 _write_json(tmp / HF_QUANT_CONFIG_FILE, hf_quant_config)
             _write_json(tmp / SCALES_FILE, scales)

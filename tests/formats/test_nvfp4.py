@@ -266,9 +266,6 @@ def test_global_amax_accepts_a_tensor():
 SUBNORMAL_G_AMAX = 2688.0 * 2.0**-126
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: block_scales_fp8 divides by 6 * max(g, FLT_MIN), not 6 * g, "
-                                       "so a float32-subnormal global scale (amax < 2688 * 2**-126) gives "
-                                       "wrong block scales")
 @pytest.mark.parametrize("amax", [1e-36, 3.5e-41])
 def test_tensor_amax_with_a_subnormal_global_scale(amax):
     assert amax < SUBNORMAL_G_AMAX

@@ -37,9 +37,10 @@ def _blocks(x: torch.Tensor):
     check_blockable(x, BLOCK_SIZE, "MXFP4")
     blocks = x.to(torch.float32).unflatten(-1, (-1, BLOCK_SIZE))
     amax = blocks.abs().amax(dim=-1, keepdim=True)
-    # A zero block gets the smallest scale; its elements quantize to 0 whatever the scale.
-    exponent = torch.floor(torch.log2(amax.clamp_min(2.0**-126))) - E2M1_EMAX
-    exponent = exponent.clamp(-E8M0_BIAS, E8M0_BIAS)
+    # floor(log2(amax)) exactly from the float's exponent (a float32 log2 rounds up just below powers of
+    # two). A zero block gets the smallest scale; its elements quantize to 0 whatever the scale.
+    exponent = (torch.frexp(amax).exponent - 1 - E2M1_EMAX).to(torch.float32)
+    exponent = torch.where(amax > 0, exponent, -E8M0_BIAS).clamp(-E8M0_BIAS, E8M0_BIAS)
     index = e2m1_index(blocks.abs() / torch.exp2(exponent))
     return blocks, index, exponent
 

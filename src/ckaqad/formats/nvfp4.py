@@ -68,7 +68,7 @@ def check_blockable(x: torch.Tensor, block_size: int = BLOCK_SIZE, name: str = "
 
 def block_scales_fp8(block_amax: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """FP8 E4M3 block scales s8 = fp8(min(block_amax / (6 g), 448)); zero where g == 0."""
-    ratio = torch.where(g > 0, block_amax / (FP4_MAX * g.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
+    ratio = torch.where(g > 0, block_amax / (FP4_MAX * g), 0.0)  # g == 0: all-zero tensor
     return ratio.clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
 
 
