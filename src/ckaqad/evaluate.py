@@ -112,8 +112,9 @@ def fidelity_suite(model, teacher, config: EvalConfig, seq_len: int = 256) -> di
     n = min(config.limit or config.eval_blocks, config.eval_blocks, blocks.heldout.shape[0])
     exclude = tuple(i for i in (teacher.tokenizer.bos_token_id,) if i is not None)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        results, t = measure_fidelity(teacher.model, {"model": model}, eval_batches(blocks.heldout, config.batch_size,
-                                      device, limit=n), exclude_token_ids=exclude, total=math.ceil(n / config.batch_size))
+        batches = eval_batches(blocks.heldout, config.batch_size, device, limit=n)
+        results, t = measure_fidelity(teacher.model, {"model": model}, batches, exclude_token_ids=exclude,
+                                      total=math.ceil(n / config.batch_size))
     r = results["model"]
     return {"kl_per_token": r.kl_per_token, "perplexity": r.perplexity, "teacher_perplexity": t["perplexity"],
             "top1_agreement": r.top1_agreement, "mean_cka": r.mean_cka, "min_cka": r.min_cka,
@@ -167,8 +168,9 @@ def flat_metrics(payload: dict) -> dict[str, float]:
 
 def write_eval(out: Path, payload: dict) -> None:
     (out / "eval.json").write_text(json.dumps(payload, indent=2, default=str))
-    lines = [f"# Evaluation: {payload['label']}", "", f"Model `{payload['model']}`; teacher `{payload.get('teacher')}`; "
-             f"device {payload['device']}; {payload['runtime_s']:.0f} s.", "", "| metric | value |", "|---|---|"]
+    lines = [f"# Evaluation: {payload['label']}", "",
+             f"Model `{payload['model']}`; teacher `{payload.get('teacher')}`; device {payload['device']}; "
+             f"{payload['runtime_s']:.0f} s.", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
               for k, v in flat_metrics(payload).items()]
     he = payload.get("humaneval")

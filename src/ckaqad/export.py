@@ -321,7 +321,7 @@ def _plan_shards(tensors: dict[str, torch.Tensor], shard_size_bytes: int) -> lis
     size = 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > shard_size_bytes * 100:
+        if current and size + nbytes > shard_size_bytes:
             shards.append(current)
             current, size = [], 0
         current.append(name)

@@ -34,8 +34,10 @@ for name, x, amax in cases:
     x = x.to(device)
     ref = nvfp4.fake_quantize_reference(x, amax)
     out = nvfp4_triton.fake_quantize(x, amax)
-    same = out.dtype == ref.dtype and out.shape == ref.shape and torch.equal(out.view(INT[x.dtype]), ref.view(INT[x.dtype]))
-    results.append([name, bool(same), int((out.view(INT[x.dtype]) != ref.view(INT[x.dtype])).sum()) if out.shape == ref.shape else -1])
+    bits = INT[x.dtype]
+    shaped = out.dtype == ref.dtype and out.shape == ref.shape
+    same = shaped and torch.equal(out.view(bits), ref.view(bits))
+    results.append([name, bool(same), int((out.view(bits) != ref.view(bits)).sum()) if shaped else -1])
 print(json.dumps(results))
 """
 
