@@ -172,10 +172,7 @@ def _commands() -> dict[str, tuple[str, list[tuple[type, tuple[str, ...]]], Call
 def _export_eval_commands() -> dict:
     from ckaqad import evaluate, export
 
-    commands = dict(evaluate.cli_commands())
-    if hasattr(export, "cli_commands"):
-        commands.update(export.cli_commands())
-    return commands
+    return {**export.cli_commands(), **evaluate.cli_commands()}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -691,3 +691,86 @@ def _load_dense(model: nn.Module, tensors: dict, layers: dict[str, QuantLinear],
         target.data.copy_(source.to(target.dtype))
         used.add(key)
     return used
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+@dataclass
+class ExportConfig:
+    run: str | None = None
+    """a distillation run directory (its final student, else its newest checkpoint)"""
+    student: str | None = None
+    """a student directory (or any run/student directory) instead of --run"""
+    teacher: str | None = None
+    """teacher the student was built from (default: the run's teacher, else the embedded model)"""
+    format: str = "nvfp4"
+    """PTQ format when exporting the teacher's PTQ student (--ptq)"""
+    scheme: str = "w4a4"
+    """PTQ scheme when exporting the teacher's PTQ student (--ptq)"""
+    ptq: bool = False
+    """export the calibrated PTQ student of --teacher (no training) instead of a run"""
+    layout: str = "compressed-tensors"
+    """compressed-tensors (vLLM) or modelopt (TensorRT-LLM)"""
+    out: str = "exports/student"
+    """export directory"""
+    overwrite: bool = False
+    """replace an existing export at --out"""
+    shard_size_mb: int = 2048
+    """largest safetensors shard in MiB"""
+    device: str | None = None
+    """cpu or cuda (default: cuda when available)"""
+
+    def __post_init__(self) -> None:
+        get_layout(self.layout)
+        sources = sum(bool(x) for x in (self.run, self.student, self.ptq))
+        if sources != 1:
+            raise ConfigError("give exactly one of --run DIR, --student DIR or --ptq")
+        if self.shard_size_mb < 1:
+            raise ConfigError(f"--shard-size-mb must be at least 1, got {self.shard_size_mb}")
+
+
+def run_export(config: ExportConfig) -> ExportSummary:
+    """`ckaqad export`: rebuild the student on its teacher's architecture and write the export."""
+    from ckaqad.errors import CheckpointError
+    from ckaqad.evaluate import run_teacher_spec
+    from ckaqad.models import load_model
+    from ckaqad.students import find_student_dir, load_student
+
+    out_dir = Path(config.out).expanduser()
+    _check_out_dir(out_dir, config.overwrite)
+    source = Path(config.run or config.student).expanduser() if not config.ptq else None
+    if source is not None:
+        if not source.is_dir():
+            raise CheckpointError(f"{source} is not a directory")
+        if find_student_dir(source) is None:
+            raise CheckpointError(f"{source} has no student checkpoint (no student/ and no complete checkpoint)")
+    teacher_spec = config.teacher or (run_teacher_spec(source) if source is not None else None) or "default"
+    teacher = load_model(teacher_spec, device=config.device)
+    if config.ptq:
+        from ckaqad.data import DataConfig, eval_batches, load_blocks
+        from ckaqad.quantize import build_student, calibrate
+
+        quant = QuantConfig(format=config.format, scheme=config.scheme)
+        student, _ = build_student(teacher.model, quant)
+        blocks = load_blocks(DataConfig(), teacher.model, teacher.tokenizer)
+        calibrate(student, eval_batches(blocks.train, 4, next(teacher.model.parameters()).device,
+                                        limit=quant.calib_batches * 4))
+    else:
+        student, _, _ = load_student(source, teacher.model)
+    summary = export_student(student, teacher.tokenizer, out_dir, config.layout, overwrite=config.overwrite,
+                             teacher_dir=teacher.model_dir, shard_size_bytes=config.shard_size_mb * 2**20)
+    print(summary.table())
+    print(f"wrote {out_dir}")
+    return summary
+
+
+def cli_commands() -> dict:
+    def _export(values: dict) -> int:
+        from ckaqad.cli import build_config
+
+        run_export(build_config(ExportConfig, values))
+        return 0
+
+    return {"export": ("write a deployable NVFP4 checkpoint (compressed-tensors for vLLM, modelopt for TensorRT-LLM)",
+                       [(ExportConfig, ())], _export)}

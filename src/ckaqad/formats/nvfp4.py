@@ -54,7 +54,8 @@ def e2m1_grid(device=None) -> torch.Tensor:
 def global_scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
     """g = amax / (6 * 448) as a float32 scalar tensor."""
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    return amax / (FP4_MAX * FP8_E4M3_MAX)
+    # Divide by a tensor: a Python-scalar divisor may become a multiply by its reciprocal on some backends.
+    return amax / torch.tensor(FP4_MAX * FP8_E4M3_MAX, dtype=torch.float32, device=amax.device)
 
 
 def check_blockable(x: torch.Tensor, block_size: int = BLOCK_SIZE, name: str = "NVFP4") -> None:
