@@ -114,7 +114,6 @@ def measure(shape: ModelShape, device: torch.device, loss: str, scheme: str, rep
     for capture in captures:
         if capture is not None:
             capture.remove()
-    del run
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"step_ms": seconds * 1e3, "tokens_per_s": tokens / seconds, "peak_mb": peak,
