@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import time
@@ -57,8 +58,19 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def json_safe(value):
+    """`value` with NaN/inf (n/a cells, such as peak memory on CPU) as None, so the file is standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=2))
+        Path(path).write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False))
         print(f"wrote {path}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ckaqad.errors import CheckpointError, ConfigError
@@ -134,16 +135,33 @@ class CheckpointManager:
         if step_dir is None:
             raise CheckpointError(f"no complete checkpoint under {self.root}")
         device = next(student.parameters()).device
-        weights = load_file(str(step_dir / "student" / "model.safetensors"), device=str(device))
-        missing, unexpected = student.load_state_dict(weights, strict=False)
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]
-        if missing or unexpected:
-            raise CheckpointError(f"{step_dir}: weights do not fit the student ({missing[:3]}, {unexpected[:3]})")
-        state = json.loads((step_dir / "state.json").read_text())
-        tensors = load_file(str(step_dir / "optimizer.safetensors"), device=str(device))
-        optimizer.load_state_dict(optimizer_from_files(tensors, state["optimizer"]))
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(load_file(str(step_dir / "rng.safetensors")))
+        # Read and check everything before touching the student, optimizer or RNG: a damaged or foreign
+        # checkpoint raises CheckpointError and leaves them as they were.
+        try:
+            weights = load_file(str(step_dir / "student" / "model.safetensors"), device=str(device))
+            state = json.loads((step_dir / "state.json").read_text())
+            tensors = load_file(str(step_dir / "optimizer.safetensors"), device=str(device))
+            rng = load_file(str(step_dir / "rng.safetensors"))
+            optimizer_state = optimizer_from_files(tensors, state["optimizer"])
+            scheduler_state = state["scheduler"]
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"{step_dir} is damaged and cannot be read ({type(exc).__name__}: {exc}); "
+                                  "delete it to resume from the previous checkpoint") from exc
+        own = student.state_dict()
+        missing = [k for k in own if k not in weights and not k.endswith("lm_head.weight")]
+        unexpected = [k for k in weights if k not in own]
+        wrong = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in weights
+                 if k in own and weights[k].shape != own[k].shape]
+        if missing or unexpected or wrong:
+            raise CheckpointError(f"{step_dir}: weights do not fit the student (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}, shape {wrong[:3]})")
+        try:
+            optimizer.load_state_dict(optimizer_state)
+            scheduler.load_state_dict(scheduler_state)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{step_dir}: the optimizer state does not fit the student ({exc})") from exc
+        student.load_state_dict(weights, strict=False)
+        set_rng_state(rng)
         return state
 
 

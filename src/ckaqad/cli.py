@@ -88,7 +88,28 @@ def load_yaml(path: str) -> dict:
         raise ConfigError(f"--config {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path} must hold a mapping of option: value")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def yaml_value(name: str, value, annotation, yaml_path: str):
+    """A --config value converted as its flag's argument would be (YAML reads `1e-5` as a string); ConfigError
+    naming the option when it does not fit the field's type."""
+    parse, is_bool = _arg_type(annotation)
+    text = str(annotation)
+    if value is None and "None" in text:
+        return None
+    if is_bool:
+        if isinstance(value, bool):
+            return value
+    elif "tuple" in text and isinstance(value, list):
+        return tuple(str(v) for v in value)
+    elif isinstance(value, str | int | float) and not isinstance(value, bool):
+        try:
+            return parse(str(value))
+        except ValueError:
+            pass
+    kind = getattr(annotation, "__name__", text)
+    raise ConfigError(f"--config {yaml_path}: {name} must be {kind}, got {value!r}")
 
 
 def merged_values(args: argparse.Namespace, classes: list[type]) -> dict:
@@ -103,10 +124,9 @@ def merged_values(args: argparse.Namespace, classes: list[type]) -> dict:
         unknown = sorted(set(from_yaml) - known)
         if unknown:
             raise ConfigError(f"--config {yaml_path}: unknown option(s) {', '.join(unknown)}")
+        hints = {name: hint for cls in classes for name, hint in typing.get_type_hints(cls).items()}
         for key, value in from_yaml.items():
-            if isinstance(value, list):
-                value = tuple(value)
-            values.setdefault(key, value)
+            values.setdefault(key, yaml_value(key, value, hints[key], yaml_path))
     return values
 
 
@@ -200,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(merged_values(args, classes))
     except CkaqadError as exc:
-        print(f"ckaqad: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, even when it quotes a multi-line library error
+        print(f"ckaqad: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ckaqad: interrupted", file=sys.stderr)

@@ -246,9 +246,14 @@ def train_batches(blocks: torch.Tensor, batch_size: int, seed: int, start: int =
     n = blocks.shape[0]
     step = start
     while True:
-        epoch, offset = divmod(step * batch_size, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        index = order.repeat(batch_size // n + 2)[offset:offset + batch_size]
+        # Position p of the endless stream is block order_e[p % n] of epoch e = p // n: every epoch is one
+        # permutation, also when a batch straddles two epochs or batch_size exceeds n.
+        position = torch.arange(step * batch_size, (step + 1) * batch_size)
+        epoch = position // n
+        index = torch.empty(batch_size, dtype=torch.long)
+        for e in epoch.unique().tolist():
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + e))
+            index[epoch == e] = order[position[epoch == e] % n]
         ids = blocks[index].to(device)
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         step += 1

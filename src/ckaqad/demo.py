@@ -79,6 +79,11 @@ def run_demo(config: DemoConfig) -> dict:
     loaded = load_model(config.teacher, device=config.device)
     device = next(loaded.model.parameters()).device
     cfg = config.resolved(device)
+    # distill checks this per run, but only when the CKA-QAD run starts, after the KL-QAD run has trained.
+    valid = cfg.batch_size * (cfg.seq_len - DistillConfig.n_sink)
+    if cfg.cka_tokens > valid:
+        raise ConfigError(f"--cka-tokens {cfg.cka_tokens} is larger than the {valid} valid tokens of a step "
+                          f"({cfg.batch_size} x {cfg.seq_len}, sinks excluded); lower it or raise --batch-size")
     data = DataConfig(data=cfg.data, seq_len=cfg.seq_len)
     quant = QuantConfig(format=cfg.format, scheme=cfg.scheme)
     print(f"demo on {device}: {cfg.format} {cfg.scheme}, {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} "

@@ -131,8 +131,10 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
     for part in spec.split(","):
         try:
             if "-" in part.strip()[1:]:
-                lo, hi = part.split("-", 1)
-                layers.extend(range(int(lo), int(hi) + 1))
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if hi < lo:  # an empty range would silently select no layer
+                    raise ConfigError(f"--layers {spec!r}: range {part.strip()} runs backwards")
+                layers.extend(range(lo, hi + 1))
             else:
                 layers.append(int(part))
         except ValueError as exc:
@@ -190,8 +192,10 @@ def layer_table(results: dict[str, Fidelity]) -> list[str]:
 
 
 def write_diagnosis(out: Path, results: dict[str, Fidelity], teacher_stats: dict, meta: dict) -> None:
+    # meta["teacher"] (the source string) must not overwrite the teacher's stats.
     payload = {"teacher": {"source": meta.get("teacher"), **teacher_stats},
-               "variants": [r.to_dict() for r in results.values()], **meta}
+               "variants": [r.to_dict() for r in results.values()],
+               **{k: v for k, v in meta.items() if k != "teacher"}}
     (out / "diagnosis.json").write_text(json.dumps(payload, indent=2))
     plot_cka_layers({r.label: [(row["index"], row["cka"]) for row in r.layers] for r in results.values()},
                     out / "cka_layers.png", f"Layerwise CKA to the teacher ({meta.get('teacher')})")

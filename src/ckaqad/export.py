@@ -44,7 +44,7 @@ from torch import nn
 
 from ckaqad import __version__
 from ckaqad.errors import ConfigError, ExportError, unknown_name
-from ckaqad.files import atomic_directory
+from ckaqad.files import atomic_directory, check_writable
 from ckaqad.formats import nvfp4
 from ckaqad.quantize import QuantConfig, QuantLinear, quant_linears, quantize_model_
 
@@ -723,6 +723,8 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         get_layout(self.layout)
+        if self.ptq:
+            QuantConfig(format=self.format, scheme=self.scheme)  # validates both names before any work
         sources = sum(bool(x) for x in (self.run, self.student, self.ptq))
         if sources != 1:
             raise ConfigError("give exactly one of --run DIR, --student DIR or --ptq")
@@ -739,6 +741,7 @@ def run_export(config: ExportConfig) -> ExportSummary:
 
     out_dir = Path(config.out).expanduser()
     _check_out_dir(out_dir, config.overwrite)
+    check_writable(out_dir)  # before any work: a file in the way of a parent, or a read-only parent
     source = Path(config.run or config.student).expanduser() if not config.ptq else None
     if source is not None:
         if not source.is_dir():

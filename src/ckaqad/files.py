@@ -18,6 +18,8 @@ def check_writable(path: str | os.PathLike, flag: str = "--out") -> Path:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{flag} {path} exists and is not a directory")
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path} cannot be created: {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {path} is not writable")
     return path

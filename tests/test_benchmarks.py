@@ -1,0 +1,152 @@
+"""tests for benchmarks/*.py: each script runs on CPU with its smallest options and writes its table as JSON;
+CUDA-only backends report n/a (None) when there is no GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    """Import benchmarks/NAME.py as a module (the scripts are not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def strict_json(path: Path):
+    """Parse as standard JSON: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def positive_finite(value) -> bool:
+    return isinstance(value, float | int) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """The CPU path, also on a machine with a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def table_lines(out: str, title: str) -> list[str]:
+    lines = out.splitlines()
+    start = lines.index(f"# {title}")
+    return lines[start:]
+
+
+# ------------------------------------------------------------------------------------------- common.py
+
+
+def test_time_fn_is_the_median_after_warmup(monkeypatch):
+    common = load_script("common")
+    clock = [0.0]
+    durations = iter([5.0] * 3 + [3.0, 1.0, 2.0])  # warm-up calls (not timed), then three timed ones
+
+    def fn():
+        clock[0] += next(durations)
+
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    assert common.time_fn(fn, torch.device("cpu"), warmup=3, repeats=3) == 2.0
+    assert next(durations, None) is None  # exactly warmup + repeats calls
+
+
+def test_json_keeps_numbers_and_writes_na_as_null(tmp_path):
+    common = load_script("common")
+    common.write_json(str(tmp_path / "sub" / "t.json"), {"a": [1.5, float("nan")], "b": {"c": float("inf")}})
+    assert strict_json(tmp_path / "sub" / "t.json") == {"a": [1.5, None], "b": {"c": None}}
+    common.write_json(None, {"a": 1})  # no --json: nothing written, no error
+
+
+# --------------------------------------------------------------------------------------- bench_fakequant
+
+
+def test_fakequant_backends_without_cuda():
+    bench = load_script("bench_fakequant")
+    from ckaqad.formats import nvfp4
+
+    found = bench.backends(torch.device("cpu"))
+    assert found == {"torch reference": nvfp4.fake_quantize_reference, "triton fused": None, "modelopt": None}
+    assert bench.modelopt_backend(torch.device("cpu")) is None
+
+
+def test_fakequant_table_and_json(tmp_path, capsys, no_cuda):
+    bench = load_script("bench_fakequant")
+    path = tmp_path / "fq.json"
+    payload = bench.main(["--repeats", "1", "--dtype", "float32", "--json", str(path)])
+    assert strict_json(path) == payload  # every value is finite or a string: nothing turned into null
+    header, records = payload["header"], payload["results"]
+    assert header["device"] == "cpu" and header["torch"] == torch.__version__ and header["dtype"] == "float32"
+    assert header["cpu_threads"] >= 1 and "gpu" not in header
+    assert [(r["name"], r["backend"]) for r in records] == [
+        (s.name, b) for s in bench.CPU_SHAPES for b in ("torch reference", "triton fused", "modelopt")]
+    for r in records:
+        if r["backend"] != "torch reference":
+            assert r == {"rows": r["rows"], "cols": r["cols"], "name": r["name"], "backend": r["backend"],
+                         "available": False}
+            continue
+        assert r["available"] is True
+        assert all(positive_finite(r[k]) for k in ("ms", "gb_s", "copy_gb_s", "fraction_of_copy"))
+        moved = 2 * r["rows"] * r["cols"] * 4  # read + write, float32
+        assert r["gb_s"] * 1e9 * r["ms"] / 1e3 == pytest.approx(moved)
+        assert r["fraction_of_copy"] == pytest.approx(r["gb_s"] / r["copy_gb_s"])
+
+    lines = table_lines(capsys.readouterr().out, "NVFP4 fake-quant throughput")
+    assert lines[1].startswith("# device=cpu, torch=")
+    assert lines[2].split() == ["shape", "size", "backend", "ms", "GB/s", "of", "copy"]
+    rows = lines[3:3 + 4 * len(bench.CPU_SHAPES)]
+    assert sum(row.split()[-3:] == ["n/a"] * 3 for row in rows) == 2 * len(bench.CPU_SHAPES)
+    assert sum(row.rstrip().endswith(" 1") and "copy (clone)" in row for row in rows) == len(bench.CPU_SHAPES)
+
+
+# -------------------------------------------------------------------------------------------- bench_step
+
+
+def test_step_quick_table_and_json(tmp_path, capsys, no_cuda):
+    import transformers
+
+    bench = load_script("bench_step")
+    path = tmp_path / "step.json"
+    payload = bench.main(["--quick", "--json", str(path)])
+    written = strict_json(path)
+    header, records = payload["header"], payload["results"]
+    assert written["header"] == header and header["device"] == "cpu" and header["scheme"] == "w4a4"
+    assert math.isfinite(header["matmul_tflops"]) and header["matmul_tflops"] >= 0  # TFLOP/s, rounded to 0.01
+    assert [r["loss"] for r in records] == ["kl", "kl+cka"]
+
+    shape = records[0]
+    config = transformers.LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                                      num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                                      num_key_value_heads=shape["kv_heads"], vocab_size=shape["vocab"],
+                                      tie_word_embeddings=True)
+    params = sum(p.numel() for p in transformers.LlamaForCausalLM(config).parameters())
+    tokens = shape["batch"] * shape["seq"]
+    for r, saved in zip(records, written["results"], strict=True):
+        assert all(positive_finite(r[k]) for k in ("step_ms", "tokens_per_s", "flops_per_s", "mfu"))
+        assert r["params"] == params
+        assert r["tokens_per_s"] == pytest.approx(tokens / (r["step_ms"] / 1e3))
+        assert r["flops_per_s"] == pytest.approx(8 * params * r["tokens_per_s"])
+        assert r["step_overhead_vs_kl"] == pytest.approx(r["step_ms"] / records[0]["step_ms"] - 1)
+        assert math.isnan(r["peak_mb"]) and saved["peak_mb"] is None  # CUDA-only: n/a on CPU, null in JSON
+        assert saved == {**r, "peak_mb": None}
+
+    lines = table_lines(capsys.readouterr().out, "QAD step: KL-only vs CKA-QAD")
+    assert lines[1].startswith("# device=cpu, torch=") and "matmul_tflops=" in lines[1]
+    assert lines[2].split() == ["model", "batch", "loss", "step", "ms", "tokens/s", "peak", "MB", "MFU", "+time",
+                                "+memory"]
+    assert [row.split()[2] for row in lines[3:5]] == ["kl", "kl+cka"]

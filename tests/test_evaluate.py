@@ -1,0 +1,299 @@
+"""tests for ckaqad/evaluate.py: `ckaqad eval` (fidelity suite, outputs, model specs) and `ckaqad compare`."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ckaqad import data, evaluate
+from ckaqad.data import DataConfig, load_blocks
+from ckaqad.errors import CheckpointError, ConfigError
+from ckaqad.evaluate import CompareConfig, EvalConfig, flat_metrics, run_compare, run_eval
+from ckaqad.models import load_model
+from ckaqad.quantize import QuantConfig, build_student, calibrate
+from ckaqad.students import load_student_dir, save_student_dir
+
+BLOCKS = 4  # held-out blocks of 256 tokens (fidelity_suite's block length)
+SEQ = 256
+LABEL = "tiny-nvfp4"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Teacher and student directories, with a private cache for the built-in corpus the fidelity suite reads.
+
+    The corpus's teacher answers are canned (generating them is data.py's business, tested there): the tiny
+    random teacher would take most of this file's time to write 48 answers of noise.
+    """
+    from conftest import make_tiny_model, make_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("evaluate")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CKAQAD_CACHE", str(root / "cache"))
+        mp.setattr(data, "teacher_answers",
+                   lambda model, tokenizer, prompts: [f"{p}\nAnswer: {p[::-1]}" for p in prompts])
+        teacher, tokenizer = make_tiny_model(), make_tiny_tokenizer()
+        teacher.save_pretrained(root / "teacher")
+        tokenizer.save_pretrained(root / "teacher")
+        quant = QuantConfig(format="nvfp4", scheme="w4a4")
+        student, _ = build_student(teacher, quant)
+        generator = torch.Generator().manual_seed(1)
+        calibrate(student, [{"input_ids": torch.randint(0, 256, (2, 32), generator=generator)} for _ in range(2)])
+        save_student_dir(student, quant, root / "student", tokenizer, extra={"label": LABEL})
+        yield root
+
+
+def evaluate_into(workdir, name: str, **kwargs) -> dict:
+    config = EvalConfig(**{"suite": "fidelity", "eval_blocks": BLOCKS, "batch_size": 2, "device": "cpu",
+                           "out": str(workdir / name), **kwargs})
+    return run_eval(config)
+
+
+@pytest.fixture(scope="module")
+def teacher_eval(workdir):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CKAQAD_CACHE", str(workdir / "cache"))
+        return evaluate_into(workdir, "teacher_eval", model=str(workdir / "teacher"),
+                             teacher=str(workdir / "teacher"))
+
+
+@pytest.fixture(scope="module")
+def student_eval(workdir):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CKAQAD_CACHE", str(workdir / "cache"))
+        return evaluate_into(workdir, "student_eval", model=str(workdir / "student"),
+                             teacher=str(workdir / "teacher"))
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(workdir, monkeypatch):
+    monkeypatch.setenv("CKAQAD_CACHE", str(workdir / "cache"))
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Biased linear CKA of (n, d) features, in float64: ‖YᵀX‖² / (‖XᵀX‖ ‖YᵀY‖) after centring."""
+    x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
+    return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+def block_outputs(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(logits, [output of each decoder block]) for one forward pass."""
+    states, hooks = [], []
+    for layer in model.model.layers:
+        hooks.append(layer.register_forward_hook(
+            lambda _m, _i, out: states.append(out[0] if isinstance(out, tuple) else out)))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, states
+
+
+# ------------------------------------------------------------------------------------------- fidelity
+
+
+def test_teacher_against_itself_is_perfectly_faithful(teacher_eval, workdir):
+    fid = teacher_eval["fidelity"]
+    assert fid["kl_per_token"] == pytest.approx(0.0, abs=1e-7)
+    assert fid["top1_agreement"] == 1.0
+    assert fid["mean_cka"] == pytest.approx(1.0, abs=1e-9) and fid["min_cka"] == pytest.approx(1.0, abs=1e-9)
+    assert [row["index"] for row in fid["layers"]] == [0, 1]
+    assert fid["perplexity"] == fid["teacher_perplexity"] and 1 < fid["perplexity"] < 1e4
+    assert fid["tokens"] == BLOCKS * (SEQ - 1)  # next-token predictions of every held-out block
+    assert teacher_eval["label"] == "teacher" and teacher_eval["teacher"] == str(workdir / "teacher")
+
+
+def test_student_numbers_match_an_independent_computation(student_eval, workdir):
+    fid = student_eval["fidelity"]
+    teacher = load_model(workdir / "teacher", device="cpu")
+    student, _ = load_student_dir(workdir / "student", teacher.model)
+    blocks = load_blocks(DataConfig(seq_len=SEQ), teacher.model, teacher.tokenizer).heldout[:BLOCKS]
+    t_logits, t_states = block_outputs(teacher.model, blocks)
+    s_logits, s_states = block_outputs(student, blocks)
+
+    t_logp, s_logp = t_logits.double().log_softmax(-1), s_logits.double().log_softmax(-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    agree = (t_logits.argmax(-1) == s_logits.argmax(-1)).double().mean()
+    targets = blocks[:, 1:].reshape(-1)
+    ppl = math.exp(F.cross_entropy(s_logits[:, :-1].reshape(-1, s_logits.shape[-1]).double(), targets))
+    t_ppl = math.exp(F.cross_entropy(t_logits[:, :-1].reshape(-1, t_logits.shape[-1]).double(), targets))
+    assert fid["kl_per_token"] == pytest.approx(float(kl), rel=1e-4)
+    assert fid["top1_agreement"] == pytest.approx(float(agree), abs=1e-9)
+    assert fid["perplexity"] == pytest.approx(ppl, rel=1e-4)
+    assert fid["teacher_perplexity"] == pytest.approx(t_ppl, rel=1e-4)
+
+    rows = torch.ones_like(blocks, dtype=torch.bool)  # CKA rows: not the sink (position 0), not BOS
+    rows[:, 0] = False
+    rows &= blocks != teacher.tokenizer.bos_token_id
+    ckas = [linear_cka(s[rows], t[rows]) for s, t in zip(s_states, t_states, strict=True)]
+    assert [row["cka"] for row in fid["layers"]] == pytest.approx(ckas, abs=1e-5)
+    assert fid["mean_cka"] == pytest.approx(sum(ckas) / 2, abs=1e-5)
+    assert fid["min_cka"] == pytest.approx(min(ckas), abs=1e-5) and fid["min_cka_layer"] == ckas.index(min(ckas))
+    assert fid["cka_tokens"] == int(rows.sum())
+    assert kl > 1e-4 and 0 < min(ckas) < 1  # the 4-bit student really differs from the teacher
+    assert student_eval["label"] == LABEL and student_eval["teacher"] == str(workdir / "teacher")
+
+
+def test_results_json_and_markdown_are_written(student_eval, workdir):
+    out = workdir / "student_eval"
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.md"]
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["fidelity"] == student_eval["fidelity"] and saved["label"] == LABEL
+    assert saved["config"] == {**EvalConfig().__dict__, "suite": "fidelity", "eval_blocks": BLOCKS, "batch_size": 2,
+                               "device": "cpu", "out": str(out), "model": str(workdir / "student"),
+                               "teacher": str(workdir / "teacher")}
+    md = (out / "eval.md").read_text()
+    assert md.startswith(f"# Evaluation: {LABEL}\n")
+    for key, value in flat_metrics(saved).items():
+        assert f"| {key} | {value:.4f} |" in md
+    assert not [p for p in workdir.iterdir() if ".tmp-" in p.name]
+
+
+def test_run_directory_is_evaluated_against_its_own_teacher(student_eval, workdir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(workdir / "student", run / "student")
+    (run / "config.yaml").write_text(f"teacher: {workdir / 'teacher'}\nsteps: 1\n")
+    payload = evaluate_into(tmp_path, "out", model=str(run))  # no --teacher: the run's config.yaml names it
+    assert payload["teacher"] == str(workdir / "teacher") and payload["label"] == LABEL
+    assert payload["fidelity"]["kl_per_token"] == pytest.approx(student_eval["fidelity"]["kl_per_token"], rel=1e-6)
+
+
+def test_export_directory_is_loaded_back_into_a_student(student_eval, workdir, tmp_path):
+    from ckaqad import export
+
+    teacher = load_model(workdir / "teacher", device="cpu")
+    student, _ = load_student_dir(workdir / "student", teacher.model)
+    export.export_student(student, teacher.tokenizer, tmp_path / "exp")
+    payload = evaluate_into(tmp_path, "out", model=str(tmp_path / "exp"), teacher=str(workdir / "teacher"))
+    assert payload["label"] == "export:exp"
+    # The export stores the unquantized tensors in bf16: close to the float32 student, not equal.
+    assert payload["fidelity"]["kl_per_token"] == pytest.approx(student_eval["fidelity"]["kl_per_token"], rel=0.2)
+
+
+def test_failure_while_writing_leaves_the_previous_results(student_eval, workdir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval.json").write_text("previous")
+
+    def broken_write(directory, payload):
+        (directory / "eval.json").write_text("half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(evaluate, "write_eval", broken_write)
+    monkeypatch.setattr(evaluate, "fidelity_suite", lambda model, teacher, config: {"kl_per_token": 0.0})
+    with pytest.raises(OSError, match="disk full"):
+        evaluate_into(tmp_path, "out", model=str(workdir / "teacher"), teacher=str(workdir / "teacher"))
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in out.iterdir()] == ["eval.json"] and (out / "eval.json").read_text() == "previous"
+
+
+def test_humaneval_suite_joins_nll_and_completion_per_problem(workdir, tmp_path):
+    payload = evaluate_into(tmp_path, "out", model=str(workdir / "teacher"), suite="humaneval", limit=2,
+                            humaneval_max_tokens=4)
+    he = payload["humaneval"]
+    assert payload["teacher"] is None and "fidelity" not in payload  # no teacher needed
+    assert he["num_problems"] == 2 and len(he["per_problem"]) == 2
+    for entry in he["per_problem"]:
+        assert math.isfinite(entry["nll"]) and entry["nll"] > 0 and isinstance(entry["completion"], str)
+    assert 0 <= he["pass@1"] <= 1 and "pass@10" not in he  # one sample per problem: pass@1 only
+    md = (tmp_path / "out" / "eval.md").read_text()
+    assert f"HumanEval: 2 problems, pass@1 {he['pass@1']:.3f}" in md
+    assert f"| humaneval.nll_token_mean | {he['nll_token_mean']:.4f} |" in md
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("suite, near", [("fidelty", "fidelity"), ("fidelity,humaneva", "humaneval"),
+                                         ("lm_eval", "lm-eval")])
+def test_unknown_suite_lists_close_matches(suite, near):
+    with pytest.raises(ConfigError, match=rf"unknown suite \(--suite\) .*did you mean: {near}[,?].*; "
+                                          r"choose from: fidelity, humaneval, lm-eval"):
+        EvalConfig(suite=suite)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"suite": "lm-eval"}, "--suite lm-eval needs --tasks"),
+    ({"limit": 0}, "--limit must be at least 1"),
+    ({"batch_size": 0}, "--batch-size"),
+    ({"eval_blocks": 0}, "--eval-blocks"),
+    ({"humaneval_samples": 2}, "--temperature > 0"),
+])
+def test_invalid_eval_config(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        EvalConfig(**kwargs)
+
+
+def test_suites_are_split_on_commas():
+    assert EvalConfig(suite=" fidelity, humaneval ,").suites == ["fidelity", "humaneval"]
+
+
+def test_flat_metrics_keeps_headline_numbers_only():
+    payload = {"fidelity": {"kl_per_token": 0.5, "perplexity": 9.0, "layers": [], "tokens": 10},
+               "humaneval": {"nll_token_mean": 1.5, "pass@1": 0.25, "per_problem": []},
+               "lm_eval": {"arc": {"acc": 0.7, "acc_stderr": 0.01, "samples": 100}}}
+    assert flat_metrics(payload) == {"fidelity.kl_per_token": 0.5, "fidelity.perplexity": 9.0,
+                                     "humaneval.nll_token_mean": 1.5, "humaneval.pass@1": 0.25,
+                                     "lm-eval.arc.acc": 0.7}
+
+
+# --------------------------------------------------------------------------------------------- compare
+
+
+def markdown_rows(text: str) -> dict[str, dict[str, str]]:
+    """{model: {column: cell}} from the first markdown table in `text`."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    return {row[0]: dict(zip(header[1:], row[1:], strict=True)) for row in rows}
+
+
+def test_compare_puts_both_results_in_one_table(teacher_eval, student_eval, workdir, tmp_path):
+    out = tmp_path / "cmp"
+    result = run_compare([str(workdir / "teacher_eval"), str(workdir / "student_eval")], CompareConfig(out=str(out)))
+    teacher_row, student_row = "teacher (teacher_eval)", f"{LABEL} (student_eval)"
+    assert result == {teacher_row: flat_metrics(teacher_eval), student_row: flat_metrics(student_eval)}
+    table = markdown_rows((out / "compare.md").read_text())
+    assert set(table) == {teacher_row, student_row}
+    for row, payload in ((teacher_row, teacher_eval), (student_row, student_eval)):
+        fid = payload["fidelity"]
+        for key in ("kl_per_token", "perplexity", "top1_agreement", "mean_cka", "min_cka"):
+            assert table[row][f"fidelity.{key}"] == f"{fid[key]:.4f}"
+    assert table[student_row]["fidelity.kl_per_token"] != "0.0000"
+    assert json.loads((out / "compare.json").read_text()) == result
+    assert {p.name for p in out.iterdir()} == {"compare.md", "compare.html", "compare.json", "cka_layers.png",
+                                                "metrics.png"}
+    assert "<table>" in (out / "compare.html").read_text()
+
+
+def test_compare_reads_diagnosis_and_demo_reports(tmp_path):
+    def fidelity(kl):
+        return {"kl_per_token": kl, "perplexity": 10.0, "top1_agreement": 0.9, "mean_cka": 0.95, "min_cka": 0.9,
+                "layers": [{"index": 0, "cka": 0.9}, {"index": 1, "cka": 1.0}]}
+
+    (tmp_path / "diag").mkdir()
+    (tmp_path / "diag" / "diagnosis.json").write_text(json.dumps(
+        {"variants": [{"label": "nvfp4-w4a4", **fidelity(0.25)}, {"label": "int4-w4a16", **fidelity(0.5)}]}))
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "report.json").write_text(json.dumps({"models": {"CKA-QAD": fidelity(0.125)}}))
+    result = run_compare([str(tmp_path / "diag"), str(tmp_path / "demo")], CompareConfig(out=str(tmp_path / "out")))
+    assert {k: v["fidelity.kl_per_token"] for k, v in result.items()} == {
+        "nvfp4-w4a4 (diag)": 0.25, "int4-w4a16 (diag)": 0.5, "CKA-QAD (demo)": 0.125}
+    table = markdown_rows((tmp_path / "out" / "compare.md").read_text())
+    assert table["CKA-QAD (demo)"]["fidelity.kl_per_token"] == "0.1250"
+
+
+def test_compare_errors(tmp_path):
+    with pytest.raises(ConfigError, match="at least one result directory"):
+        run_compare([], CompareConfig(out=str(tmp_path / "out")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="has no eval.json, diagnosis.json or report.json"):
+        run_compare([str(tmp_path / "empty")], CompareConfig(out=str(tmp_path / "out")))
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]
