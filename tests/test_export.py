@@ -451,3 +451,25 @@ def test_load_and_is_export_dir_reject_what_is_not_an_export(tmp_path, w4a4_expo
     with pytest.raises(ExportError, match="missing model.safetensors"):
         export.load(out)
     assert not any(export.is_export_dir(p) for p in (tmp_path / "missing", empty, plain, out))
+
+
+# ------------------------------------------------------------------------- verify_export
+
+
+@pytest.mark.parametrize("layout", ["compressed-tensors", "modelopt"])
+def test_verify_export_passes_on_a_true_export(tmp_path, tiny_tokenizer, layout):
+    student = make_student()
+    export.export_student(student, tiny_tokenizer, tmp_path / "e", layout)
+    check = export.verify_export(tmp_path / "e", student)
+    assert check["layers"] == check["load_bit_exact_layers"] == len(quant_linears(student))
+    # compressed-tensors decompresses to bf16 (relative 2^-8 at most); ModelOpt's code · s8 · g is exact
+    assert check["max_relative_weight_difference"] <= (2.0 ** -8 if layout == "compressed-tensors" else 0.0)
+
+
+def test_verify_export_catches_a_student_that_moved(tmp_path, tiny_tokenizer):
+    student = make_student()
+    export.export_student(student, tiny_tokenizer, tmp_path / "e")
+    with torch.no_grad():  # one training step later: the export no longer holds this student
+        next(iter(quant_linears(student).values())).weight.mul_(1.5)
+    with pytest.raises(ExportError, match="does not match the student"):
+        export.verify_export(tmp_path / "e", student)

@@ -107,6 +107,9 @@ def test_export_reloads_bit_exact(teacher, blocks, students, tmp_path):
     summary = export.export_student(student, teacher.tokenizer, tmp_path / "export", teacher_dir=teacher.model_dir)
     assert summary.quantized_layers == 210
     assert 4.4 < summary.bits_per_quantized_param < 4.6
+    # compressed-tensors' own decompressor gets the student's codes, scales and weights (to one bf16 ulp)
+    check = export.verify_export(tmp_path / "export", student)
+    assert check["layers"] == check["load_bit_exact_layers"] == 210
     reloaded, _ = export.load(tmp_path / "export")
     batch = next(eval_batches(blocks.heldout, 1, limit=1))
     mask = valid_token_mask(batch["input_ids"], batch["attention_mask"], 1, ())

@@ -696,6 +696,65 @@ def _load_dense(model: nn.Module, tensors: dict, layers: dict[str, QuantLinear],
 # ------------------------------------------------------------------------------------------------- CLI
 
 
+def verify_export(export_dir: str | os.PathLike, student: nn.Module) -> dict:
+    """Read an export back the way serving stacks do and compare it with the student it was written from.
+
+    For every quantized layer: the codes (through compressed-tensors' own FP4 unpacker) and FP8 block scales
+    must equal those of the student's weights, and the weight compressed-tensors' `NVFP4PackedCompressor`
+    (what transformers and llm-compressor call) decompresses must be within one ulp of its dtype of the
+    student's fake-quantized weight (the ModelOpt layout: `code · s8 · g` computed here, which must be exact).
+    Then `load` must give back the student's quantized weights bit for bit. Returns the counts and worst
+    differences; ExportError if any check fails.
+    """
+    from compressed_tensors.compressors.nvfp4 import NVFP4PackedCompressor, unpack_fp4_from_uint8
+    from compressed_tensors.quantization import QuantizationConfig
+
+    export_dir = Path(export_dir).expanduser()
+    info = _inspect_export(export_dir)
+    tensors = _read_tensors(info.weight_files)
+    layers = _check_nvfp4_student(student)
+    packed_name, scale_name, global_name, _ = _LOCAL_NAMES[info.layout]
+    scheme = None
+    if info.layout is Layout.COMPRESSED_TENSORS:
+        scheme = QuantizationConfig.model_validate(info.config["quantization_config"]).config_groups["group_0"]
+    grid = nvfp4.e2m1_grid()
+    worst_rel, failures = 0.0, []
+    for name, m in layers.items():
+        local = {k: tensors[f"{name}.{k}"] for k in (packed_name, scale_name, global_name)}
+        want = nvfp4.quantize(m.weight.detach().float().cpu(), m.weight_global_amax().cpu())
+        values = unpack_fp4_from_uint8(local[packed_name], m.out_features, m.in_features, dtype=torch.float32)
+        if not torch.equal(values, grid[want.codes.long()]):
+            failures.append(f"{name}: codes differ")
+        if not torch.equal(local[scale_name].view(torch.uint8), want.block_scales.view(torch.uint8)):
+            failures.append(f"{name}: block scales differ")
+        student_weight = m.quantized_weight().detach().float().cpu()
+        if scheme is not None:
+            dense = NVFP4PackedCompressor.decompress(local, scheme)["weight"]
+            reference = student_weight.to(dense.dtype)
+            one_ulp = (torch.nextafter(dense, reference) == reference) | (dense == reference)
+            if not bool(one_ulp.all()):
+                failures.append(f"{name}: compressed-tensors dequantizes beyond one {dense.dtype} ulp")
+        else:
+            scales = local[scale_name].float().repeat_interleave(16, dim=-1)
+            dense = grid[want.codes.long()] * (scales * local[global_name].float())
+            if not torch.equal(dense, student_weight):
+                failures.append(f"{name}: code · s8 · weight_scale_2 differs from the student's weight")
+        nonzero = student_weight != 0
+        rel = (dense.float() - student_weight).abs()[nonzero] / student_weight.abs()[nonzero]
+        worst_rel = max(worst_rel, float(rel.max()) if rel.numel() else 0.0)
+    reloaded, _ = load(export_dir)
+    reloaded_layers = quant_linears(reloaded)
+    exact = sum(torch.equal(reloaded_layers[n].quantized_weight().cpu(), m.quantized_weight().detach().float().cpu())
+                for n, m in layers.items())
+    if exact != len(layers):
+        failures.append(f"load: {len(layers) - exact} layers' quantized weights differ from the student's")
+    if failures:
+        raise ExportError(f"{export_dir} does not match the student: {'; '.join(failures[:3])}")
+    return {"layers": len(layers), "codes_and_block_scales_equal": len(layers),
+            "reader": "compressed-tensors NVFP4PackedCompressor" if scheme is not None else "code * s8 * g",
+            "max_relative_weight_difference": worst_rel, "load_bit_exact_layers": exact}
+
+
 @dataclass
 class ExportConfig:
     run: str | None = None
@@ -718,6 +777,8 @@ class ExportConfig:
     """replace an existing export at --out"""
     shard_size_mb: int = 2048
     """largest safetensors shard in MiB"""
+    verify: bool = True
+    """read the export back (compressed-tensors' decompressor and ckaqad's loader) and compare with the student"""
     device: str | None = None
     """cpu or cuda (default: cuda when available)"""
 
@@ -765,6 +826,12 @@ def run_export(config: ExportConfig) -> ExportSummary:
                              teacher_dir=teacher.model_dir, shard_size_bytes=config.shard_size_mb * 2**20)
     print(summary.table())
     print(f"wrote {out_dir}")
+    if config.verify:
+        check = verify_export(out_dir, student)
+        worst = check["max_relative_weight_difference"]
+        print(f"verified {check['layers']} quantized layers: codes and FP8 block scales equal the student's; "
+              f"{check['reader']} within one ulp (max relative difference {worst:.2e}); "
+              f"ckaqad.export.load bit-exact on {check['load_bit_exact_layers']}/{check['layers']}")
     return summary
 
 
