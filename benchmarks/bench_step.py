@@ -6,7 +6,7 @@ over repeats after warm-up, random weights (speed does not depend on them). MFU 
 (student forward 2N + backward 4N, teacher forward 2N; N = parameters) against the matmul rate measured in
 the same process (bf16 8192³ on GPU, fp32 1024³ on CPU).
 
-    python benchmarks/bench_step.py [--json out.json]    # GPU: SmolLM2-135M and a 1B Llama; CPU: a small model
+    python benchmarks/bench_step.py [--json out.json] [--shape NAME]  # GPU: SmolLM2-135M, 1B Llama; CPU: small
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ class ModelShape:
 SMOLLM2 = ModelShape("SmolLM2-135M", 576, 1536, 30, 9, 3, 49152, 8, 512, 2048)
 LLAMA_1B = ModelShape("Llama-3.2-1B shape", 2048, 8192, 16, 32, 8, 128256, 8, 1024, 2048)
 CPU_SMALL = ModelShape("SmolLM2 width, 4 layers", 576, 1536, 4, 9, 3, 49152, 2, 128, 128)
+SMOLLM2_CPU = ModelShape("SmolLM2-135M", 576, 1536, 30, 9, 3, 49152, 4, 128, 256)  # the CPU demo's step
+SHAPES = {"smollm2": SMOLLM2, "llama-1b": LLAMA_1B, "cpu-small": CPU_SMALL, "smollm2-cpu": SMOLLM2_CPU}
 
 
 def matmul_rate(device: torch.device) -> float:
@@ -126,9 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scheme", default="w4a4", choices=["w4a4", "w4a16"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="one tiny shape, 2 repeats (CI)")
+    parser.add_argument("--shape", action="append", choices=sorted(SHAPES),
+                        help="model shape(s) to run (default: smollm2 and llama-1b on GPU, cpu-small on CPU)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = (SMOLLM2, LLAMA_1B) if device.type == "cuda" and not args.quick else (CPU_SMALL,)
+    if args.shape:
+        shapes = tuple(SHAPES[name] for name in args.shape)
     if args.quick:
         shapes = (ModelShape("tiny", 64, 128, 2, 4, 2, 512, 2, 32, 32),)
     repeats = 2 if args.quick else args.repeats

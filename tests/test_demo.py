@@ -208,7 +208,7 @@ def test_markdown_numbers_match_the_json(demo):
 
 def test_resolved_defaults_depend_on_the_device():
     cpu = DemoConfig().resolved(torch.device("cpu"))
-    assert (cpu.steps, cpu.lr, cpu.batch_size, cpu.seq_len) == (40, 5e-5, 4, 128)
+    assert (cpu.steps, cpu.lr, cpu.batch_size, cpu.seq_len) == (30, 5e-5, 4, 128)
     gpu = DemoConfig().resolved(torch.device("cuda"))
     assert (gpu.steps, gpu.lr, gpu.batch_size, gpu.seq_len) == (400, 1e-5, 16, 512)
     explicit = DemoConfig(steps=3, lr=2e-4, batch_size=2, seq_len=64).resolved(torch.device("cuda"))

@@ -77,6 +77,19 @@ def test_teacher_against_a_copy_of_itself_is_perfect(teacher):
     assert no_hooks_left(teacher)
 
 
+def test_the_teacher_object_itself_as_student_is_perfect(teacher):
+    # `ckaqad eval --model default` measures the teacher against itself: one module, two sets of hooks, and a
+    # last batch smaller than the first (rows left from a bigger batch must not be used).
+    batches = random_batches()
+    batches[-1] = {k: v[:1] for k, v in batches[-1].items()}
+    results, _ = measure_fidelity(teacher, {"self": teacher}, batches, progress=False)
+    r = results["self"]
+    assert r.kl_per_token == 0.0 and r.top1_agreement == 1.0
+    assert r.mean_cka == pytest.approx(1.0, abs=1e-6) and r.min_cka == pytest.approx(1.0, abs=1e-6)
+    assert r.cka_tokens == ((N_BATCHES - 1) * BATCH + 1) * (SEQ - 1)
+    assert no_hooks_left(teacher)
+
+
 def test_nvfp4_w4a4_student_drifts_from_the_teacher(teacher, w4a4_student):
     results, teacher_stats = measure_fidelity(teacher, {"nvfp4-w4a4": w4a4_student}, random_batches(),
                                               progress=False)
@@ -218,6 +231,17 @@ def test_run_diagnose_writes_json_markdown_and_plot(files, tmp_path):
     assert "| nvfp4-w4a4 | " in md and "![per-layer CKA](cka_layers.png)" in md
     assert sum(line.startswith(("| 0 |", "| 1 |")) for line in md.splitlines()) == N_LAYERS
     assert (out / "cka_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_diagnosis_markdown_says_which_layers_a_format_could_not_quantize(files, tmp_path):
+    # INT4's group of 128 divides only down_proj's input (intermediate 128), not the hidden size 64.
+    out = tmp_path / "diag"
+    config, data_config = job(files, out, format="int4", scheme="w4a16", eval_blocks=2)
+    run_diagnose(config, data_config, {"calib_batches": 1}, progress=False)
+    [line] = [ln for ln in (out / "diagnosis.md").read_text().splitlines() if ln.startswith("- int4-w4a16:")]
+    assert line.startswith(f"- int4-w4a16: {N_LAYERS} Linear layers quantized (")
+    assert f"{6 * N_LAYERS} × input dim 64 is not a multiple of the int4 block 128" in line
+    assert "1 × excluded by pattern 'lm_head'" in line
 
 
 def test_run_diagnose_is_atomic_on_failure(files, tmp_path, monkeypatch):

@@ -347,6 +347,12 @@ def test_cka_rows_beyond_a_micro_batch_is_config_error(workdir, loaded, tmp_path
               teacher_loaded=loaded)  # no CKA term: no limit
 
 
+def test_default_cka_rows_fit_the_default_micro_batch():
+    # `ckaqad distill --loss kl+cka` with no size flags must not trip the check above.
+    config = DistillConfig()
+    assert config.cka_tokens <= config.batch_size * (DataConfig().seq_len - config.n_sink)
+
+
 def test_nonempty_out_is_config_error(workdir, loaded, straight):
     with pytest.raises(ConfigError, match="exists and is not empty; choose another or continue it with --resume"):
         build_run(base_config(workdir, straight), *parts(workdir), teacher_loaded=loaded)

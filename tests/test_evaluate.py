@@ -204,7 +204,8 @@ def test_humaneval_suite_joins_nll_and_completion_per_problem(workdir, tmp_path)
         assert math.isfinite(entry["nll"]) and entry["nll"] > 0 and isinstance(entry["completion"], str)
     assert 0 <= he["pass@1"] <= 1 and "pass@10" not in he  # one sample per problem: pass@1 only
     md = (tmp_path / "out" / "eval.md").read_text()
-    assert f"HumanEval: 2 problems, pass@1 {he['pass@1']:.3f}" in md
+    assert he["prompt_style"] == "completion"  # the tiny tokenizer has no chat template
+    assert f"HumanEval (completion prompt): 2 problems, pass@1 {he['pass@1']:.3f}" in md
     assert f"| humaneval.nll_token_mean | {he['nll_token_mean']:.4f} |" in md
 
 
@@ -225,6 +226,7 @@ def test_unknown_suite_lists_close_matches(suite, near):
     ({"batch_size": 0}, "--batch-size"),
     ({"eval_blocks": 0}, "--eval-blocks"),
     ({"humaneval_samples": 2}, "--temperature > 0"),
+    ({"humaneval_prompt": "chat"}, "--humaneval-prompt must be auto, completion or instruct"),
 ])
 def test_invalid_eval_config(kwargs, match):
     with pytest.raises(ConfigError, match=match):

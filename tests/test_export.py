@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 import safetensors.torch
@@ -315,6 +316,11 @@ def test_summary_and_files(w4a4_export):
     assert "bits / quantized param" in summary.table()
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 257
+    # A serving engine often runs as another user: no file may keep mkdtemp's or safetensors' 0600.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {p: 0o666 & ~umask for p in names}
 
 
 def test_compress_state_dict_does_not_touch_the_student():
@@ -464,6 +470,7 @@ def test_verify_export_passes_on_a_true_export(tmp_path, tiny_tokenizer, layout)
     assert check["layers"] == check["load_bit_exact_layers"] == len(quant_linears(student))
     # compressed-tensors decompresses to bf16 (relative 2^-8 at most); ModelOpt's code · s8 · g is exact
     assert check["max_relative_weight_difference"] <= (2.0 ** -8 if layout == "compressed-tensors" else 0.0)
+    assert check["reader_agreement"] == ("within one bfloat16 ulp" if layout == "compressed-tensors" else "exact")
 
 
 def test_verify_export_catches_a_student_that_moved(tmp_path, tiny_tokenizer):

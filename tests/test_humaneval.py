@@ -11,14 +11,17 @@ import torch
 
 from ckaqad.errors import ConfigError, DataError
 from ckaqad.humaneval import (
+    INSTRUCT_PREFIX,
     STOP_SEQUENCES,
     _make_stop_criteria,
     canonical_nll,
     check_completion,
     evaluate_execution,
     generate_completions,
+    generation_input,
     load_problems,
     pass_at_k,
+    resolve_prompt_style,
     summarize_nll,
     truncate_completion,
 )
@@ -410,3 +413,56 @@ def test_generate_completions_decodes_and_truncates(problems, tiny_model, tiny_t
     assert [r["completion"] for r in rows] == ["    return x + y\n"] * 2
     assert seen["left_padded"]  # the shorter prompt was padded on the left
     assert seen["kwargs"]["do_sample"] is False and seen["kwargs"]["max_new_tokens"] == 64
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def chat_tokenizer(tiny_tokenizer):
+    tiny_tokenizer.chat_template = CHAT_TEMPLATE
+    yield tiny_tokenizer
+    tiny_tokenizer.chat_template = None
+
+
+def test_prompt_style_auto_follows_the_chat_template(tiny_tokenizer, chat_tokenizer):
+    assert resolve_prompt_style("auto", chat_tokenizer) == "instruct"
+    assert resolve_prompt_style("completion", chat_tokenizer) == "completion"
+    chat_tokenizer.chat_template = None
+    assert resolve_prompt_style("auto", tiny_tokenizer) == "completion"
+    with pytest.raises(ConfigError, match="chat template"):
+        resolve_prompt_style("instruct", tiny_tokenizer)
+    with pytest.raises(ConfigError, match="unknown HumanEval prompt style"):
+        resolve_prompt_style("fewshot", tiny_tokenizer)
+
+
+def test_instruct_input_is_the_chat_request_with_the_prefilled_answer(problems, chat_tokenizer):
+    prompt = problems[53]["prompt"]
+    ids = generation_input(chat_tokenizer, prompt, "instruct")
+    text = chat_tokenizer.decode(ids)
+    # lm-eval's humaneval_instruct: the request holds the prompt in a fence, the assistant turn starts
+    # with the prompt's code so the model's next tokens are the function body.
+    assert text.startswith("<s>user\nWrite a solution to the following problem and make sure that it passes "
+                           f"the tests:\n```python\n{prompt}\n```\n</s>\n<s>assistant\n")
+    assert text.endswith(INSTRUCT_PREFIX.format(prompt=prompt))
+    assert generation_input(chat_tokenizer, prompt, "completion") == chat_tokenizer(prompt)["input_ids"]
+
+
+def test_instruct_completion_ends_at_the_closing_fence(problems, tiny_model, chat_tokenizer, monkeypatch):
+    tail_ids = chat_tokenizer("    return x + y\n```\nThis adds.")["input_ids"] + [chat_tokenizer.eos_token_id]
+    seen = {}
+
+    def fake_generate(input_ids, attention_mask, **kwargs):
+        seen["prompt"] = chat_tokenizer.decode(input_ids[0][attention_mask[0].bool()])
+        return torch.cat([input_ids, torch.tensor([tail_ids] * input_ids.shape[0])], dim=1)
+
+    monkeypatch.setattr(tiny_model, "generate", fake_generate)
+    add = problems[53]
+    [instruct] = generate_completions(tiny_model, chat_tokenizer, [add], prompt_style="instruct", progress=False)
+    assert instruct["completion"] == "    return x + y\n"
+    assert seen["prompt"].endswith(INSTRUCT_PREFIX.format(prompt=add["prompt"]))
+    assert evaluate_execution([add], [instruct])["pass@1"] == 1.0
+    [bare] = generate_completions(tiny_model, chat_tokenizer, [add], prompt_style="completion", progress=False)
+    assert bare["completion"] == "    return x + y\n```\nThis adds."  # no fence stop in completion mode
+    assert seen["prompt"] == add["prompt"]

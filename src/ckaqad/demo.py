@@ -26,7 +26,7 @@ class DemoConfig:
     scheme: str = "w4a4"
     """student scheme"""
     steps: int = 0
-    """optimizer steps per method (0: 40 on CPU, 400 on GPU)"""
+    """optimizer steps per method (0: 30 on CPU, 400 on GPU)"""
     lr: float = 0.0
     """peak learning rate (0: 5e-5 on CPU for the short budget, 1e-5 on GPU)"""
     batch_size: int = 0
@@ -53,7 +53,7 @@ class DemoConfig:
     def resolved(self, device: torch.device) -> DemoConfig:
         gpu = device.type == "cuda"
         pick = lambda value, cpu, cuda: value or (cuda if gpu else cpu)  # noqa: E731
-        return DemoConfig(**{**asdict(self), "steps": pick(self.steps, 40, 400), "lr": pick(self.lr, 5e-5, 1e-5),
+        return DemoConfig(**{**asdict(self), "steps": pick(self.steps, 30, 400), "lr": pick(self.lr, 5e-5, 1e-5),
                              "batch_size": pick(self.batch_size, 4, 16), "seq_len": pick(self.seq_len, 128, 512)})
 
 
@@ -91,7 +91,7 @@ def run_demo(config: DemoConfig) -> dict:
     summaries = {}
     for label, loss in METHODS.items():
         run_cfg = DistillConfig(teacher=cfg.teacher, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                                cka_tokens=cfg.cka_tokens, eval_every=max(cfg.steps // 4, 1),
+                                cka_tokens=cfg.cka_tokens, eval_every=max(cfg.steps // 3, 1),
                                 eval_blocks=min(8, cfg.eval_blocks), seed=cfg.seed, device=cfg.device,
                                 out=str(out / "runs" / loss.replace("+", "-")), warmup_steps=max(cfg.steps // 20, 1))
         print(f"== {label} ({loss})")

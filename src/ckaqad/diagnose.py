@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -92,7 +93,10 @@ def measure_fidelity(teacher: nn.Module, students: dict[str, nn.Module], batches
         for batch in tqdm(batches, total=total, desc="diagnose", disable=not progress, unit="batch"):
             mask = valid_token_mask(batch["input_ids"], batch.get("attention_mask"), n_sink, exclude_token_ids)
             rows = mask.flatten().nonzero().squeeze(1)
-            teacher_capture.rows = rows
+            # Every capture gets this batch's rows before any forward: a student that is the teacher object
+            # itself (`ckaqad eval --model default`) has both hooks fire in the teacher's forward.
+            for capture in (teacher_capture, *captures.values()):
+                capture.rows = rows
             t_logits = teacher(**batch).logits
             nll, count = next_token_nll(t_logits, batch["input_ids"], batch.get("attention_mask"))
             teacher_nll += float(nll)
@@ -101,7 +105,6 @@ def measure_fidelity(teacher: nn.Module, students: dict[str, nn.Module], batches
             t_top1 = t_logits.argmax(-1)
             for label, model in students.items():
                 capture, st = captures[label], stats[label]
-                capture.rows = rows
                 s_logits = model(**batch).logits
                 n_real = int(real.sum())
                 st.kl_sum += float(chunked_kl(s_logits, t_logits, real)) * n_real
@@ -191,6 +194,22 @@ def layer_table(results: dict[str, Fidelity]) -> list[str]:
     return lines
 
 
+def coverage_lines(quantization: dict[str, dict]) -> list[str]:
+    """One line per student: how many Linear layers were quantized, and why the others were not.
+
+    A format whose block does not divide the model's widths (INT4's 128 on a 576-wide model) quantizes
+    only a few layers, and its fidelity numbers mean little without this line.
+    """
+    lines = []
+    for label, q in quantization.items():
+        reasons = Counter(q.get("excluded", {}).values())
+        kept = "; ".join(f"{n} × {why}" for why, n in reasons.most_common())
+        share = q.get("quantized_params", 0) / max(q.get("total_linear_params", 0), 1)
+        lines.append(f"- {label}: {len(q.get('quantized', []))} Linear layers quantized ({share:.0%} of Linear "
+                     f"parameters); kept in high precision: {kept or 'none'}")
+    return lines
+
+
 def write_diagnosis(out: Path, results: dict[str, Fidelity], teacher_stats: dict, meta: dict) -> None:
     # meta["teacher"] (the source string) must not overwrite the teacher's stats.
     payload = {"teacher": {"source": meta.get("teacher"), **teacher_stats},
@@ -202,6 +221,7 @@ def write_diagnosis(out: Path, results: dict[str, Fidelity], teacher_stats: dict
     md = [f"# Diagnosis: {meta.get('teacher')}", "",
           f"Data: {meta.get('data')}. Tokens for CKA: {meta.get('cka_tokens')} "
           f"({meta.get('token_rule')}).", "", *fidelity_table(results, teacher_stats["perplexity"]), "",
+          "Quantized layers:", "", *coverage_lines(meta.get("quantization", {})), "",
           "![per-layer CKA](cka_layers.png)", "", "## Per-layer CKA (biased, all held-out tokens)", "",
           *layer_table(results), "", f"Run time: {meta.get('runtime_s', 0):.1f} s on {meta.get('device')}.", ""]
     (out / "diagnosis.md").write_text("\n".join(md))

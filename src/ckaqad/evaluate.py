@@ -38,6 +38,8 @@ class EvalConfig:
     """evaluate only the first N HumanEval problems / lm-eval documents / held-out blocks"""
     humaneval_max_tokens: int = 384
     """maximum generated tokens per HumanEval completion"""
+    humaneval_prompt: str = "auto"
+    """HumanEval prompt: completion (bare), instruct (lm-eval's humaneval_instruct) or auto (instruct if chat)"""
     humaneval_samples: int = 1
     """completions per problem (pass@k for k up to this; >1 samples at --temperature)"""
     temperature: float = 0.0
@@ -63,6 +65,8 @@ class EvalConfig:
             raise ConfigError("--suite lm-eval needs --tasks (and usually --include-path for local tasks)")
         if self.humaneval_samples < 1 or self.batch_size < 1 or self.eval_blocks < 1:
             raise ConfigError("--humaneval-samples, --batch-size and --eval-blocks must be at least 1")
+        if self.humaneval_prompt not in ("auto", "completion", "instruct"):
+            raise ConfigError(f"--humaneval-prompt must be auto, completion or instruct, got {self.humaneval_prompt!r}")
         if self.humaneval_samples > 1 and self.temperature <= 0:
             raise ConfigError("--humaneval-samples > 1 needs --temperature > 0 (greedy samples are identical)")
 
@@ -126,11 +130,12 @@ def fidelity_suite(model, teacher, config: EvalConfig, seq_len: int = 256) -> di
 def humaneval_suite(model, tokenizer, config: EvalConfig) -> dict:
     from ckaqad import humaneval
 
+    style = humaneval.resolve_prompt_style(config.humaneval_prompt, tokenizer)
     problems = humaneval.load_problems(config.limit)
     nll_rows = humaneval.canonical_nll(model, tokenizer, problems, batch_size=config.batch_size)
     completions = humaneval.generate_completions(model, tokenizer, problems, max_new_tokens=config.humaneval_max_tokens,
                                                  batch_size=config.batch_size, num_samples=config.humaneval_samples,
-                                                 temperature=config.temperature)
+                                                 temperature=config.temperature, prompt_style=style)
     ks = [k for k in (1, 10, 100) if k <= config.humaneval_samples]
     execution = humaneval.evaluate_execution(problems, completions, k=ks, timeout=config.exec_timeout)
     by_id = {row["task_id"]: row for row in nll_rows}
@@ -138,7 +143,7 @@ def humaneval_suite(model, tokenizer, config: EvalConfig) -> dict:
         entry["nll"] = by_id[entry["task_id"]]["nll"]
         entry["completion"] = next(c["completion"] for c in completions if c["task_id"] == entry["task_id"])
     return {**humaneval.summarize_nll(nll_rows), **{k: v for k, v in execution.items() if k != "per_problem"},
-            "per_problem": execution["per_problem"]}
+            "prompt_style": style, "per_problem": execution["per_problem"]}
 
 
 def lm_eval_suite(model, tokenizer, config: EvalConfig) -> dict:
@@ -176,7 +181,8 @@ def write_eval(out: Path, payload: dict) -> None:
     he = payload.get("humaneval")
     if he:
         failed = [p for p in he["per_problem"] if not p["correct"]]
-        lines += ["", f"HumanEval: {he['num_problems']} problems, pass@1 {he.get('pass@1', float('nan')):.3f}, "
+        lines += ["", f"HumanEval ({he.get('prompt_style', 'completion')} prompt): {he['num_problems']} problems, "
+                  f"pass@1 {he.get('pass@1', float('nan')):.3f}, "
                   f"canonical-solution NLL {he['nll_token_mean']:.4f} nats/token; "
                   f"{len(failed)} failed (reasons in eval.json)."]
     (out / "eval.md").write_text("\n".join(lines) + "\n")

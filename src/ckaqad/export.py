@@ -718,7 +718,7 @@ def verify_export(export_dir: str | os.PathLike, student: nn.Module) -> dict:
     if info.layout is Layout.COMPRESSED_TENSORS:
         scheme = QuantizationConfig.model_validate(info.config["quantization_config"]).config_groups["group_0"]
     grid = nvfp4.e2m1_grid()
-    worst_rel, failures = 0.0, []
+    worst_rel, failures, reader_dtype = 0.0, [], ""
     for name, m in layers.items():
         local = {k: tensors[f"{name}.{k}"] for k in (packed_name, scale_name, global_name)}
         want = nvfp4.quantize(m.weight.detach().float().cpu(), m.weight_global_amax().cpu())
@@ -730,6 +730,7 @@ def verify_export(export_dir: str | os.PathLike, student: nn.Module) -> dict:
         student_weight = m.quantized_weight().detach().float().cpu()
         if scheme is not None:
             dense = NVFP4PackedCompressor.decompress(local, scheme)["weight"]
+            reader_dtype = str(dense.dtype).removeprefix("torch.")
             reference = student_weight.to(dense.dtype)
             one_ulp = (torch.nextafter(dense, reference) == reference) | (dense == reference)
             if not bool(one_ulp.all()):
@@ -752,6 +753,7 @@ def verify_export(export_dir: str | os.PathLike, student: nn.Module) -> dict:
         raise ExportError(f"{export_dir} does not match the student: {'; '.join(failures[:3])}")
     return {"layers": len(layers), "codes_and_block_scales_equal": len(layers),
             "reader": "compressed-tensors NVFP4PackedCompressor" if scheme is not None else "code * s8 * g",
+            "reader_agreement": f"within one {reader_dtype} ulp" if scheme is not None else "exact",
             "max_relative_weight_difference": worst_rel, "load_bit_exact_layers": exact}
 
 
@@ -830,7 +832,7 @@ def run_export(config: ExportConfig) -> ExportSummary:
         check = verify_export(out_dir, student)
         worst = check["max_relative_weight_difference"]
         print(f"verified {check['layers']} quantized layers: codes and FP8 block scales equal the student's; "
-              f"{check['reader']} within one ulp (max relative difference {worst:.2e}); "
+              f"{check['reader']} {check['reader_agreement']} (max relative difference {worst:.2e}); "
               f"ckaqad.export.load bit-exact on {check['load_bit_exact_layers']}/{check['layers']}")
     return summary
 

@@ -25,6 +25,18 @@ def check_writable(path: str | os.PathLike, flag: str = "--out") -> Path:
     return path
 
 
+def ordinary_permissions(root: Path) -> None:
+    """Give `root` and everything in it the modes a plain `open()` / `mkdir` would (0666 / 0777 less the
+    umask). mkdtemp makes directories private and safetensors writes its files 0600; an export must stay
+    readable by the serving engine's user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield a temp dir beside `target`; on success it replaces `target` (kept files of an existing
@@ -32,9 +44,9 @@ def atomic_directory(target: str | os.PathLike, replace: bool = True) -> Iterato
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output directory
     try:
         yield tmp
+        ordinary_permissions(tmp)
         if target.exists():
             if not replace:
                 raise ConfigError(f"{target} already exists")

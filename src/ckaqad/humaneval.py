@@ -30,6 +30,17 @@ from ckaqad.errors import CkaqadError, ConfigError, DataError, ModelError
 STOP_SEQUENCES: tuple[str, ...] = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 """The standard HumanEval stop sequences (Codex paper): a completion ends before the first of them."""
 
+INSTRUCT_REQUEST = ("Write a solution to the following problem and make sure that it passes the tests:\n"
+                    "```python\n{prompt}\n```\n")
+INSTRUCT_PREFIX = "Here is the completed function:\n```python\n{prompt}\n"
+"""The instruct prompt style is lm-eval's `humaneval_instruct` task: the user turn asks for a solution, the
+assistant turn is prefilled with INSTRUCT_PREFIX so the model continues the function body, and the body ends
+at the closing code fence (or a standard stop sequence). Chat-tuned models left to complete a bare prompt
+mostly close the turn or explain the code instead, which measures the prompt format, not the model."""
+
+FENCE = "```"
+PROMPT_STYLES = ("completion", "instruct")
+
 PROBLEM_KEYS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 
 _FSIZE_LIMIT_BYTES = 16 * 2**20  # largest file the checked program may write (scratch dir, stdout file)
@@ -112,6 +123,28 @@ def _model_device(model, device):
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
+
+
+def resolve_prompt_style(style: str, tokenizer) -> str:
+    """`auto` is `instruct` for a tokenizer with a chat template, else `completion`."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if style == "auto":
+        return "instruct" if has_template else "completion"
+    if style not in PROMPT_STYLES:
+        raise ConfigError(f"unknown HumanEval prompt style {style!r}; choose auto, {', '.join(PROMPT_STYLES)}")
+    if style == "instruct" and not has_template:
+        raise ConfigError("the instruct HumanEval prompt needs a tokenizer with a chat template")
+    return style
+
+
+def generation_input(tokenizer, prompt: str, style: str) -> list[int]:
+    """Token ids the model continues: the bare prompt, or the chat-rendered request plus the prefilled
+    assistant turn (INSTRUCT_PREFIX). Either way the continuation is the function body."""
+    if style == "completion":
+        return _encode(tokenizer, prompt)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": INSTRUCT_REQUEST.format(prompt=prompt)}],
+                                         tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(chat + INSTRUCT_PREFIX.format(prompt=prompt), add_special_tokens=False)["input_ids"])
 
 
 def _pad_id(tokenizer) -> int:
@@ -259,8 +292,12 @@ def generate_completions(
     top_p: float = 0.95,
     seed: int = 0,
     progress: bool = True,
+    prompt_style: str = "completion",
 ) -> list[dict]:
     """Complete each prompt with ``model.generate`` and cut at :data:`STOP_SEQUENCES`.
+
+    ``prompt_style`` is ``completion`` (the bare HumanEval prompt, the Codex protocol) or ``instruct``
+    (chat template and prefilled answer, see :data:`INSTRUCT_PREFIX`; the body also ends at a code fence).
 
     ``temperature == 0`` is greedy (one generation, repeated ``num_samples`` times); otherwise nucleus
     sampling with ``temperature``/``top_p`` under ``seed`` (the global RNG state is restored afterwards).
@@ -286,7 +323,10 @@ def generate_completions(
     do_sample = temperature > 0
     runs = num_samples if do_sample else 1
 
-    prompt_ids = [_encode(tokenizer, p["prompt"]) for p in problems]
+    if prompt_style not in PROMPT_STYLES:
+        raise ConfigError(f"unknown HumanEval prompt style {prompt_style!r}; choose {', '.join(PROMPT_STYLES)}")
+    stops = STOP_SEQUENCES + ((FENCE,) if prompt_style == "instruct" else ())
+    prompt_ids = [generation_input(tokenizer, p["prompt"], prompt_style) for p in problems]
     jobs = sorted(
         ((pi, s) for pi in range(len(problems)) for s in range(runs)), key=lambda j: -len(prompt_ids[j[0]])
     )
@@ -319,7 +359,7 @@ def generate_completions(
                 out = model.generate(
                     input_ids=enc["input_ids"].to(dev),
                     attention_mask=enc["attention_mask"].to(dev),
-                    stopping_criteria=_make_stop_criteria(tokenizer, width, STOP_SEQUENCES),
+                    stopping_criteria=_make_stop_criteria(tokenizer, width, stops),
                     **gen_kwargs,
                 )
                 for row, job in enumerate(batch):
@@ -333,7 +373,7 @@ def generate_completions(
                         if full.startswith(prefix)
                         else tokenizer.decode(gen, skip_special_tokens=True)
                     )
-                    texts[job] = truncate_completion(text)
+                    texts[job] = truncate_completion(text, stops)
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
