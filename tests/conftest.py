@@ -61,6 +61,22 @@ def make_tiny_model(seed: int = 0, vocab_size: int = 256 + len(TINY_SPECIAL_TOKE
     return model.float().eval()
 
 
+def save_tiny_teacher(directory) -> None:
+    """A tiny random Llama and its tokenizer as an HF model directory (what `--teacher DIR` reads)."""
+    make_tiny_model(seed=0).save_pretrained(directory)
+    make_tiny_tokenizer().save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models run fastest on one thread, and far faster than two when other processes share the cores.
+    Modules that train use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_tokenizer():
     """Fresh byte-level tokenizer (259 tokens) for each test."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import save_tiny_teacher
 
 from ckaqad.demo import METHODS, DemoConfig, run_demo
 from ckaqad.errors import ConfigError
@@ -35,20 +35,13 @@ def corpus_text() -> str:
     return "\n\n".join(docs) + "\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models run fastest on one thread, and far faster than two when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo_inputs")
-    make_tiny_model(seed=0).save_pretrained(root / "teacher")
-    make_tiny_tokenizer().save_pretrained(root / "teacher")
+    save_tiny_teacher(root / "teacher")
     (root / "data.txt").write_text(corpus_text())
     return root
 

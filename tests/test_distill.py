@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_model, make_tiny_tokenizer
+from conftest import save_tiny_teacher
 from safetensors.torch import load_file
 
 from ckaqad import distill
@@ -71,21 +71,14 @@ def corpus_text() -> str:
     return "\n\n".join(docs) + "\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models run fastest on one thread, and far faster than two when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """teacher/ (tiny Llama + tokenizer via save_pretrained) and data.txt, shared by the module's runs."""
     root = tmp_path_factory.mktemp("distill")
-    make_tiny_model(seed=0).save_pretrained(root / "teacher")
-    make_tiny_tokenizer().save_pretrained(root / "teacher")
+    save_tiny_teacher(root / "teacher")
     (root / "data.txt").write_text(corpus_text())
     return root
 
