@@ -12,6 +12,7 @@ the same process (bf16 8192³ on GPU, fp32 1024³ on CPU).
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,11 +54,13 @@ def matmul_rate(device: torch.device) -> float:
 def build(shape: ModelShape, device: torch.device, loss: str, scheme: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ckaqad.checkpoint import CheckpointConfig
-    from ckaqad.data import DataConfig
-    from ckaqad.distill import DistillConfig, Run, lr_lambda
-    from ckaqad.losses import LossConfig
-    from ckaqad.quantize import QuantConfig, build_student, calibrate
+    from ckaqad.capture import LayerMap
+    from ckaqad.objectives.compose import Composite, ObjectiveConfig
+    from ckaqad.paths import RunDir
+    from ckaqad.quant.apply import calibrate, quantize_model_
+    from ckaqad.quant.linear import QuantConfig
+    from ckaqad.train.checkpointer import CheckpointConfig
+    from ckaqad.train.trainer import TrainConfig, Trainee, make_optimizer
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
@@ -66,35 +69,33 @@ def build(shape: ModelShape, device: torch.device, loss: str, scheme: str):
                          max_position_embeddings=max(shape.seq, 2048), tie_word_embeddings=True)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval().requires_grad_(False)
-    quant = QuantConfig(scheme=scheme)
-    student, report = build_student(teacher, quant)
+    # The PTQ student of students.spec.build_ptq_student, calibrated on the benchmark's own batch (random
+    # weights: no data set is involved).
+    student = copy.deepcopy(teacher).float()
+    quantize_model_(student, QuantConfig(scheme=scheme))
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     calibrate(student, [batch])
     student.train()
-    run_cfg = DistillConfig(steps=1000, batch_size=shape.batch, cka_tokens=shape.cka_tokens, progress=False)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5,
-                                  fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run_cfg))
+    train_cfg = TrainConfig(steps=1000, batch_size=shape.batch, cka_tokens=shape.cka_tokens, progress=False)
+    optimizer, scheduler = make_optimizer(student, train_cfg)
 
     class _Tok:
         bos_token_id = None
 
-    run = Run(config=run_cfg, loss=LossConfig(loss=loss), quant=quant, data=DataConfig(seq_len=shape.seq),
-              checkpoint=CheckpointConfig(), teacher=teacher, student=student, tokenizer=_Tok(), blocks=None,
-              layers=list(range(shape.layers)), optimizer=optimizer, scheduler=scheduler, device=device,
-              out=Path("."), report=report)
+    trainee = Trainee(config=train_cfg, teacher=teacher, student=student, tokenizer=_Tok(), blocks=None,
+                      layer_map=LayerMap.parse("proportional", shape.layers, shape.layers),
+                      objective=Composite(ObjectiveConfig(loss=loss)), optimizer=optimizer, scheduler=scheduler,
+                      checkpoint=CheckpointConfig(), run=RunDir(Path(".")), evaluate=dict)
     n_params = sum(p.numel() for p in teacher.parameters())
-    return run, batch, n_params
+    return trainee, batch, n_params
 
 
 def measure(shape: ModelShape, device: torch.device, loss: str, scheme: str, repeats: int) -> dict:
-    from ckaqad.capture import LayerCapture
-    from ckaqad.distill import train_step
+    from ckaqad.train.trainer import make_captures, train_step
 
-    run, batch, n_params = build(shape, device, loss, scheme)
-    captures = (LayerCapture(run.teacher, run.layers, detach=True), LayerCapture(run.student, run.layers)) \
-        if run.loss.uses_cka else (None, None)
+    trainee, batch, n_params = build(shape, device, loss, scheme)
+    captures = make_captures(trainee)
 
     def endless():
         while True:
@@ -104,7 +105,7 @@ def measure(shape: ModelShape, device: torch.device, loss: str, scheme: str, rep
     step = [0]
 
     def one_step():
-        train_step(run, step[0], data, captures)
+        train_step(trainee, step[0], data, captures)
         step[0] += 1
 
     if device.type == "cuda":
@@ -113,9 +114,7 @@ def measure(shape: ModelShape, device: torch.device, loss: str, scheme: str, rep
     seconds = time_fn(one_step, device, warmup=2, repeats=repeats)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     tokens = shape.batch * shape.seq
-    for capture in captures:
-        if capture is not None:
-            capture.remove()
+    captures.remove()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"step_ms": seconds * 1e3, "tokens_per_s": tokens / seconds, "peak_mb": peak,

@@ -195,3 +195,51 @@ def test_student_capture_carries_the_graph_and_teacher_capture_does_not(llama):
     assert llama.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
     student.remove()
     teacher.remove()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LayerMap: which student block meets which teacher block
+
+
+def test_proportional_map_is_the_identity_at_equal_depth():
+    from ckaqad.capture import LayerMap
+
+    assert LayerMap.parse("proportional", 30, 30).pairs == tuple((i, i) for i in range(30))
+
+
+def test_proportional_map_aligns_block_ends_for_a_shallower_student():
+    from ckaqad.capture import LayerMap
+
+    layer_map = LayerMap.parse("proportional", 26, 30)
+    assert layer_map.pairs[-1] == (25, 29)  # the last blocks always meet
+    teacher = [t for _, t in layer_map.pairs]
+    assert teacher == sorted(teacher) and len(set(teacher)) == 26  # monotone, no teacher block twice
+    assert LayerMap.parse("proportional", 2, 4).pairs == ((0, 1), (1, 3))
+
+
+def test_explicit_map_and_layer_subset():
+    from ckaqad.capture import LayerMap
+
+    layer_map = LayerMap.parse("0:0,1:2,2:3", 3, 4, layers="0,2")
+    assert layer_map.pairs == ((0, 0), (2, 3))
+    assert layer_map.student_layers == [0, 2] and layer_map.teacher_layers == [0, 3]
+
+
+@pytest.mark.parametrize(("spec", "match"), [("0:9", "out of range"), ("0-1", "pairs like"), ("0:0,0:1", "twice")])
+def test_bad_layer_maps_name_the_flag(spec, match):
+    from ckaqad.capture import LayerMap
+    from ckaqad.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        LayerMap.parse(spec, 2, 4)
+
+
+def test_parse_layers_ranges_and_errors():
+    from ckaqad.capture import parse_layers
+    from ckaqad.errors import ConfigError
+
+    assert parse_layers("all", 4) == [0, 1, 2, 3]
+    assert parse_layers("0,2-3,-1", 5) == [0, 2, 3, 4]
+    for bad in ("3-1", "x", "9"):
+        with pytest.raises(ConfigError):
+            parse_layers(bad, 5)

@@ -7,14 +7,21 @@ measurable but bounded amount, W4A16 is closer than W4A4, and an export reloads 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from ckaqad import export, models
 from ckaqad.capture import valid_token_mask
-from ckaqad.data import build_blocks, eval_batches, stdlib_documents
-from ckaqad.diagnose import measure_fidelity
-from ckaqad.quantize import QuantConfig, build_student, calibrate, quant_linears
+from ckaqad.data.blocks import build_blocks, eval_batches
+from ckaqad.data.documents import stdlib_documents
+from ckaqad.eval.fidelity import measure_fidelity
+from ckaqad.export.reader import load_export
+from ckaqad.export.verify import verify_export
+from ckaqad.export.writer import export_student
+from ckaqad.models import load as models
+from ckaqad.quant.apply import calibrate, quant_linears, quantize_model_
+from ckaqad.quant.linear import QuantConfig
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +43,8 @@ def students(teacher, blocks):
     built = {}
     calibration = list(eval_batches(blocks.train, 2, limit=4))
     for scheme in ("w4a4", "w4a16"):
-        student, report = build_student(teacher.model, QuantConfig(format="nvfp4", scheme=scheme))
+        student = copy.deepcopy(teacher.model).float()
+        report = quantize_model_(student, QuantConfig(format="nvfp4", scheme=scheme))
         calibrate(student, calibration)
         built[scheme] = (student, report)
     return built
@@ -104,13 +112,13 @@ def test_nvfp4_drift_is_measurable_and_bounded(fidelity):
 
 def test_export_reloads_bit_exact(teacher, blocks, students, tmp_path):
     student = students["w4a4"][0]
-    summary = export.export_student(student, teacher.tokenizer, tmp_path / "export", teacher_dir=teacher.model_dir)
+    summary = export_student(student, teacher.tokenizer, tmp_path / "export", teacher_dir=teacher.model_dir)
     assert summary.quantized_layers == 210
     assert 4.4 < summary.bits_per_quantized_param < 4.6
     # compressed-tensors' own decompressor gets the student's codes, scales and weights (to one bf16 ulp)
-    check = export.verify_export(tmp_path / "export", student)
+    check = verify_export(tmp_path / "export", student)
     assert check["layers"] == check["load_bit_exact_layers"] == 210
-    reloaded, _ = export.load(tmp_path / "export")
+    reloaded, _ = load_export(tmp_path / "export")
     batch = next(eval_batches(blocks.heldout, 1, limit=1))
     mask = valid_token_mask(batch["input_ids"], batch["attention_mask"], 1, ())
     with torch.no_grad():

@@ -2,17 +2,84 @@
 
 Sink positions (the first `n_sink` real tokens of each sequence, where LLMs park massive activations),
 BOS tokens and padding are excluded by default: with them, CKA on SmolLM2 reads 0.999 flat and hides drift
-(METHOD.md §4). Student and teacher always use the same rows.
+(METHOD.md §4). Student and teacher always use the same rows. A `LayerMap` pairs student blocks with
+teacher blocks, so a student of another depth (a pruned one) is compared block to block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ckaqad.models import decoder_layers
+from ckaqad.errors import ConfigError
+from ckaqad.models.arch import decoder_layers
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """`all` or a comma list of indices / ranges (`0,4,8-11`), checked against the model's depth."""
+    if spec in ("all", ""):
+        return list(range(n_layers))
+    layers: list[int] = []
+    for part in spec.split(","):
+        try:
+            if "-" in part.strip()[1:]:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if hi < lo:  # an empty range would silently select no layer
+                    raise ConfigError(f"--layers {spec!r}: range {part.strip()} runs backwards")
+                layers.extend(range(lo, hi + 1))
+            else:
+                layers.append(int(part))
+        except ValueError as exc:
+            raise ConfigError(f"--layers must be 'all' or a list like 0,4,8-11, got {spec!r}") from exc
+    layers = [i + n_layers if i < 0 else i for i in layers]
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise ConfigError(f"--layers {spec!r}: layer index out of range for a model with {n_layers} layers")
+    return sorted(set(layers))
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Pairs (student block, teacher block) whose outputs CKA compares, in student order."""
+
+    pairs: tuple[tuple[int, int], ...]
+
+    @property
+    def student_layers(self) -> list[int]:
+        return sorted({s for s, _ in self.pairs})
+
+    @property
+    def teacher_layers(self) -> list[int]:
+        return sorted({t for _, t in self.pairs})
+
+    @classmethod
+    def parse(cls, spec: str, student_depth: int, teacher_depth: int, layers: str = "all") -> LayerMap:
+        """`proportional` (default; the identity at equal depth) or explicit `s:t,s:t,...` pairs; `layers`
+        (`--layers`) picks which student blocks take part.
+
+        Proportional maps student block i of S to teacher block round((i + 1)·T/S) − 1: block ends align,
+        so the last student block always meets the teacher's last block.
+        """
+        chosen = parse_layers(layers, student_depth)
+        if spec in ("proportional", ""):
+            pairs = [(i, max(0, round((i + 1) * teacher_depth / student_depth) - 1)) for i in chosen]
+            return cls(tuple(pairs))
+        pairs = []
+        for part in spec.split(","):
+            try:
+                s, t = (int(v) for v in part.split(":"))
+            except ValueError as exc:
+                raise ConfigError(f"--layer-map must be 'proportional' or pairs like 0:0,1:2, got {spec!r}") from exc
+            if not (0 <= s < student_depth and 0 <= t < teacher_depth):
+                raise ConfigError(f"--layer-map pair {part!r} is out of range for a {student_depth}-block student "
+                                  f"and a {teacher_depth}-block teacher")
+            pairs.append((s, t))
+        if len({s for s, _ in pairs}) != len(pairs):
+            raise ConfigError(f"--layer-map {spec!r} maps a student block twice")
+        return cls(tuple(p for p in pairs if p[0] in chosen))
 
 
 def valid_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, n_sink: int = 1,
@@ -67,6 +134,11 @@ class LayerCapture:
 
     def clear(self) -> None:
         self.states = {}
+
+    def take(self) -> dict[int, torch.Tensor]:
+        """The states of the last forward, and clear them."""
+        states, self.states = self.states, {}
+        return states
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -1,224 +1,379 @@
-"""`ckaqad` command line. Flags mirror the config dataclasses field for field (help = the field docstring);
-`--config run.yaml` supplies any of them, flags given on the command line win.
+"""`ckaqad COMMAND [flags]`: the command line over `commands.COMMANDS`, parsed by tyro.
 
-This is the one place that catches `CkaqadError`: it prints `ckaqad: error: …` and exits with code 2.
+Each command's flags are the fields of its `Config` dataclass, nested dataclasses flattened
+(`tyro.conf.OmitArgPrefixes`: `train.batch_size` is `--batch-size`); the help of a flag is the docstring under
+its field, followed by the default. `--config FILE` reads a YAML mapping of the same options, flat
+(`seq-len: 64`) or in sections named after the nested fields (`kl: {temperature: 2}`). The YAML values become
+flag tokens placed before the command line's own flags, so tyro converts both the same way and the later
+flags win. `--resume DIR` (distill) puts the run's saved `config.yaml` under both; the command itself checks
+which fields may change on resume.
+
+This is the one place that catches `CkaqadError`: it prints `ckaqad: error: ...` on one line and returns 2,
+as it does for a command line tyro rejects. Ctrl-C returns 130; any other exception keeps its traceback.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
+import contextlib
 import dataclasses
-import inspect
+import functools
+import io
+import os
+import re
 import sys
-import textwrap
+import types
 import typing
-from collections.abc import Callable
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import tyro
+import yaml
+
+from ckaqad import __version__
+from ckaqad.commands import COMMANDS
 from ckaqad.errors import CkaqadError, ConfigError
+from ckaqad.paths import RunDir
+from ckaqad.registry import close_matches
 
-# ------------------------------------------------------------------------ dataclass <-> argparse mapping
+DESCRIPTION = "NVFP4 students, layerwise CKA diagnosis and CKA-QAD"
+# Flat flags (`--batch-size`, not `--train.batch-size`); a field without a default (compare's `dirs`) is positional.
+MARKERS = (tyro.conf.OmitArgPrefixes, tyro.conf.PositionalRequiredArgs)
+CONFIG_FLAG = "--config"
 
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each dataclass field."""
-    docs: dict[str, str] = {}
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return docs
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
-                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
-            docs[node.target.id] = nxt.value.value.strip()
-    return docs
+# ------------------------------------------------------------------------------------- the fields of a Config
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One option of a command: a leaf field of its (nested) Config."""
+
+    name: str
+    hint: typing.Any  # the resolved annotation, tyro's Annotated markers kept
+    field: dataclasses.Field
+    positional: bool
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
 
-def _arg_type(annotation) -> tuple[Callable, bool]:
-    """(parser, is_bool) for a field annotation such as `int`, `str | None`, `tuple[str, ...]`."""
-    text = str(annotation)
-    if "bool" in text:
-        return (lambda v: v), True
-    if "tuple" in text:
-        return (lambda v: tuple(p.strip() for p in v.split(",") if p.strip())), False
-    if "int" in text and "str" not in text:
-        return int, False
-    if "float" in text and "str" not in text:
-        return float, False
-    return str, False
+def _unannotated(hint) -> tuple[typing.Any, tuple]:
+    if typing.get_origin(hint) is typing.Annotated:
+        base, *markers = typing.get_args(hint)
+        return base, tuple(markers)
+    return hint, ()
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    docs = field_docs(cls)
-    hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(cls.__name__)
+@functools.cache
+def layout(cls: type) -> tuple[dict[str, Leaf], dict[str, type]]:
+    """({field name: Leaf} of every leaf at any depth, {field name: dataclass} of every nested section).
+
+    With OmitArgPrefixes a leaf's flag is its own name wherever it is nested, so no two leaves may share one.
+    """
+    leaves: dict[str, Leaf] = {}
+    sections: dict[str, type] = {}
+
+    def add(leaf: Leaf) -> None:
+        if leaf.name in leaves:
+            raise TypeError(f"{cls.__qualname__}: two nested fields share the flag {leaf.flag}")
+        leaves[leaf.name] = leaf
+
+    hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if not f.init:
             continue
-        parse, is_bool = _arg_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{docs.get(f.name, '')} (default: {default})"
-        if is_bool:
-            group.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_text)
+        base, markers = _unannotated(hints[f.name])
+        if dataclasses.is_dataclass(base):
+            sections.setdefault(f.name, base)
+            inner_leaves, inner_sections = layout(base)
+            for leaf in inner_leaves.values():
+                add(leaf)
+            for name, section in inner_sections.items():
+                sections.setdefault(name, section)
         else:
-            group.add_argument(flag(f.name), dest=f.name, type=parse, default=argparse.SUPPRESS, help=help_text)
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            add(Leaf(f.name, hints[f.name], f, required or any(m is tyro.conf.Positional for m in markers)))
+    return leaves, sections
 
 
-def build_config(cls: type, values: dict, skip: tuple[str, ...] = ()):
-    names = {f.name for f in dataclasses.fields(cls)} - set(skip)
-    return cls(**{k: v for k, v in values.items() if k in names})
+def _shape(hint) -> tuple[str, bool]:
+    """('bool' | 'sequence' | 'scalar', whether None is allowed) of a field annotation."""
+    base, _ = _unannotated(hint)
+    optional = False
+    if typing.get_origin(base) in (typing.Union, types.UnionType):
+        args = typing.get_args(base)
+        rest = [a for a in args if a is not type(None)]
+        optional = len(rest) < len(args)
+        base = rest[0] if len(rest) == 1 else base
+    if base is bool:
+        return ("scalar" if optional else "bool"), optional  # `bool | None` is spelled --x True|False|None
+    if typing.get_origin(base) in (tuple, list, set, frozenset) or base in (tuple, list, set, frozenset):
+        return "sequence", optional
+    return "scalar", optional
 
 
-def load_yaml(path: str) -> dict:
-    import yaml
+def _type_name(hint) -> str:
+    base, _ = _unannotated(hint)
+    return base.__name__ if isinstance(base, type) else str(base).replace("typing.", "")
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"--config file does not exist: {path}")
+
+# ---------------------------------------------------------------------------------------- YAML -> flag tokens
+
+
+def _read_yaml(path: Path, where: str) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{where}: no such file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{where}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {path} must hold a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+        raise ConfigError(f"{where}: must hold a mapping of option: value")
+    return data
 
 
-def yaml_value(name: str, value, annotation, yaml_path: str):
-    """A --config value converted as its flag's argument would be (YAML reads `1e-5` as a string); ConfigError
-    naming the option when it does not fit the field's type."""
-    parse, is_bool = _arg_type(annotation)
-    text = str(annotation)
-    if value is None and "None" in text:
-        return None
-    if is_bool:
-        if isinstance(value, bool):
-            return value
-    elif "tuple" in text and isinstance(value, list):
-        return tuple(str(v) for v in value)
-    elif isinstance(value, str | int | float) and not isinstance(value, bool):
-        try:
-            return parse(str(value))
-        except ValueError:
-            pass
-    kind = getattr(annotation, "__name__", text)
-    raise ConfigError(f"--config {yaml_path}: {name} must be {kind}, got {value!r}")
+def _flat_values(data: dict, cls: type, where: str) -> dict[str, typing.Any]:
+    """{field name: YAML value}: keys spelled as fields or flags (`seq_len`, `seq-len`), flat or in sections."""
+    values: dict[str, typing.Any] = {}
+    unknown: list[str] = []
 
+    def walk(mapping: dict, node: type, prefix: str) -> None:
+        leaves, sections = layout(node)
+        for key, value in mapping.items():
+            name = str(key).replace("-", "_")
+            if isinstance(value, dict) and name in sections:
+                walk(value, sections[name], f"{prefix}{key}.")
+            elif name in leaves:
+                if leaves[name].positional:
+                    raise ConfigError(f"{where}: {name} is a positional argument; give it on the command line")
+                if name in values:
+                    raise ConfigError(f"{where}: {name} is given twice")
+                values[name] = value
+            else:
+                unknown.append(f"{prefix}{key}")
 
-def merged_values(args: argparse.Namespace, classes: list[type]) -> dict:
-    """YAML values overridden by explicit flags; unknown YAML keys are an error."""
-    values = dict(vars(args))
-    yaml_path = values.pop("config", None)
-    values.pop("command", None)
-    values.pop("handler", None)
-    if yaml_path:
-        from_yaml = load_yaml(yaml_path)
-        known = {f.name for cls in classes for f in dataclasses.fields(cls)}
-        unknown = sorted(set(from_yaml) - known)
-        if unknown:
-            raise ConfigError(f"--config {yaml_path}: unknown option(s) {', '.join(unknown)}")
-        hints = {name: hint for cls in classes for name, hint in typing.get_type_hints(cls).items()}
-        for key, value in from_yaml.items():
-            values.setdefault(key, yaml_value(key, value, hints[key], yaml_path))
+    walk(data, cls, "")
+    if unknown:
+        hint = close_matches(unknown[0].rpartition(".")[2].replace("-", "_"), layout(cls)[0]) \
+            if len(unknown) == 1 else ""
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}{hint}")
     return values
 
 
-# ---------------------------------------------------------------------------------------- subcommands
+def _tokens(values: dict[str, typing.Any], cls: type, where: str) -> list[str]:
+    """The flags that say what `values` say. Only the shape is checked here (a bool is a bool, a list goes to
+    a sequence field, None to an optional one); tyro converts the values, as it does the command line's."""
+    leaves = layout(cls)[0]
+    tokens: list[str] = []
+    for name, value in values.items():
+        leaf = leaves[name]
+        kind, optional = _shape(leaf.hint)
+
+        def wrong() -> ConfigError:
+            return ConfigError(f"{where}: {name} must be {_type_name(leaf.hint)}, got {value!r}")  # noqa: B023
+
+        if value is None:
+            if not optional:
+                raise wrong()
+            tokens.append(f"{leaf.flag}=None")
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise wrong()
+            tokens.append(leaf.flag if value else "--no-" + leaf.flag[2:])
+        elif kind == "sequence":
+            items = list(value) if isinstance(value, list | tuple) else [value]
+            if any(isinstance(item, list | tuple | dict) or item is None for item in items):
+                raise wrong()
+            tokens += [leaf.flag, *map(str, items)]
+        else:
+            if isinstance(value, list | tuple | dict):
+                raise wrong()
+            tokens.append(f"{leaf.flag}={value}")
+    return tokens
 
 
-def _diagnose(values: dict) -> int:
-    from ckaqad.data import DataConfig
-    from ckaqad.diagnose import DiagnoseConfig, run_diagnose
-    from ckaqad.quantize import QuantConfig
+def file_tokens(path: Path, cls: type, where: str, prog: str) -> list[str]:
+    """The flag tokens of a YAML options file, checked: an unknown key or a value that does not convert to its
+    field's type is a ConfigError naming `where`."""
+    values = _flat_values(_read_yaml(path, where), cls, where)
+    tokens = _tokens(values, cls, where)
+    # Convert them alone first, into a flat dataclass of just these fields without the commands' checks, so a
+    # bad value is reported against the file rather than the command line.
+    leaves = layout(cls)[0]
+    ordered = sorted(values, key=lambda n: leaves[n].field.default is dataclasses.MISSING
+                     and leaves[n].field.default_factory is dataclasses.MISSING, reverse=True)
+    fields = []
+    for name in ordered:
+        f = leaves[name].field
+        default = {"default": f.default} if f.default is not dataclasses.MISSING else \
+            {"default_factory": f.default_factory} if f.default_factory is not dataclasses.MISSING else {}
+        fields.append((name, leaves[name].hint, dataclasses.field(**default)))
+    try:
+        _tyro(dataclasses.make_dataclass("Options", fields), tokens, prog)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return tokens
 
-    config = build_config(DiagnoseConfig, values)
-    data = build_config(DataConfig, values)
-    quant = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(QuantConfig)}
-             and k not in ("format", "scheme")}
-    QuantConfig(**quant)  # validate before any work
-    run_diagnose(config, data, quant)
+
+def _pop_config(argv: Sequence[str]) -> tuple[list[str], str | None]:
+    """(argv without `--config FILE`, FILE or None)."""
+    rest: list[str] = []
+    found: str | None = None
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            rest += [arg, *args]
+            break
+        if arg == CONFIG_FLAG or arg.startswith(CONFIG_FLAG + "="):
+            if found is not None:
+                raise ConfigError(f"{CONFIG_FLAG} is given twice")
+            found = arg.partition("=")[2] if "=" in arg else next(args, None)
+            if not found:
+                raise ConfigError(f"{CONFIG_FLAG} needs a YAML file")
+            continue
+        rest.append(arg)
+    return rest, found
+
+
+def _with_base(argv: list[str], base: list[str]) -> list[str]:
+    """`base` tokens before the command line's flags, so those win; after its leading positional arguments, so
+    a sequence flag at the end of `base` does not take them as its values."""
+    first_flag = next((i for i, arg in enumerate(argv) if arg.startswith("-")), len(argv))
+    return [*argv[:first_flag], *base, *argv[first_flag:]]
+
+
+# ------------------------------------------------------------------------------------------- tyro, one line
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_RULE = set("─-╰╯ ")
+
+
+def usage_message(text: str) -> str:
+    """tyro's error box (utf-8 or ascii drawing) reduced to its message on one line: the box's first section,
+    plus the first flag of a "Perhaps you meant" section."""
+    title: str | None = None
+    sections: list[list[str]] = [[]]
+    for raw in _ANSI.sub("", text).splitlines():
+        line = raw.strip()
+        if line.startswith("╭"):
+            title = line.strip("╭╮─ ")
+            continue
+        line = line.strip("│").strip()
+        if not line:
+            continue
+        if set(line) <= _RULE:
+            sections.append([])
+        elif title is None:
+            title = line
+        else:
+            sections[-1].append(line)
+    sections = [s for s in sections if s]
+    if not sections:
+        return title or "the command line is not valid (see --help)"
+    message = re.sub(r"^Error parsing (\S+):", r"argument \1:", " ".join(sections[0]))
+    if len(sections) > 1 and sections[1][0].startswith("Perhaps you meant"):
+        near = [line.split()[0] for line in sections[1][1:] if line.startswith("-")]
+        message += f" (did you mean: {near[0]}?)" if near else ""
+    return message
+
+
+@contextlib.contextmanager
+def _wide_terminal(wide: bool) -> Iterator[None]:
+    """tyro wraps an error box to the terminal's width; a wide terminal keeps each message on one line."""
+    if not wide:
+        yield
+        return
+    before = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100000"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = before
+
+
+def _tyro(cls: type, args: list[str], prog: str, description: str | None = None):
+    """tyro.cli, with a rejected command line as a ConfigError holding tyro's message. `--help` goes to
+    stdout as SystemExit(0), which passes through."""
+    asks_help = any(arg in ("-h", "--help") for arg in args[: args.index("--") if "--" in args else len(args)])
+    captured = io.StringIO()
+    rejected = False
+    try:
+        with contextlib.redirect_stderr(captured), _wide_terminal(not asks_help):
+            return tyro.cli(cls, args=args, prog=prog, description=description, config=MARKERS)
+    except SystemExit as exc:
+        if not exc.code:
+            raise
+        rejected = True
+        raise ConfigError(usage_message(captured.getvalue())) from None
+    finally:
+        if not rejected:
+            sys.stderr.write(captured.getvalue())  # warnings and anything else, as they were
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+def describe(module) -> str:
+    return (f"{module.HELP}\n\n{CONFIG_FLAG} FILE: a YAML mapping of any of these options, flat (seq-len: 64) or "
+            "in sections (kl: {temperature: 2}); the flags given here win.")
+
+
+def parse(name: str, argv: Sequence[str]):
+    """The Config of command `name` from its flags over `--config FILE` over, when the config has `resume`
+    set, the run's saved config.yaml. Nothing runs; tyro's `--help` raises SystemExit(0)."""
+    module = COMMANDS.get(name)
+    cls, prog = module.Config, f"ckaqad {name}"
+    args, config_file = _pop_config(argv)
+    base = file_tokens(Path(config_file).expanduser(), cls, f"{CONFIG_FLAG} {config_file}", prog) \
+        if config_file else []
+    config = _tyro(cls, _with_base(args, base), prog, describe(module))
+    resume = getattr(config, "resume", None)
+    if resume:
+        saved = RunDir(Path(resume).expanduser()).config
+        if saved.is_file():  # otherwise the command reports that DIR is not a run
+            run_base = file_tokens(saved, cls, f"--resume {resume}: {saved}", prog)
+            config = _tyro(cls, _with_base(args, run_base + base), prog, describe(module))
+    return config
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS.names()))
+    return "\n".join([
+        "usage: ckaqad [-h] [--version] COMMAND [flags]", "", DESCRIPTION, "", "commands:",
+        *(f"  {name:<{width}}  {module.HELP}" for name, module in COMMANDS.items()), "",
+        f"`ckaqad COMMAND --help` lists a command's flags; `{CONFIG_FLAG} FILE` (YAML) supplies any of them and the "
+        "flags given on the command line win."])
+
+
+def _main(argv: list[str]) -> int:
+    if not argv:
+        raise ConfigError(f"missing command; choose from: {', '.join(COMMANDS.names())} (see ckaqad --help)")
+    if argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] == "--version":
+        print(f"ckaqad {__version__}")
+        return 0
+    if argv[0].startswith("-"):
+        raise ConfigError(f"unknown option {argv[0]}; usage: ckaqad COMMAND [flags] (see ckaqad --help)")
+    module = COMMANDS.get(argv[0])
+    try:
+        config = parse(argv[0], argv[1:])
+    except SystemExit as exc:  # tyro printed the command's --help
+        return exc.code if isinstance(exc.code, int) else 0
+    module.run(config)
     return 0
-
-
-def _distill(values: dict) -> int:
-    from ckaqad.checkpoint import CheckpointConfig
-    from ckaqad.data import DataConfig
-    from ckaqad.distill import DistillConfig, run_distill
-    from ckaqad.losses import LossConfig
-    from ckaqad.quantize import QuantConfig
-
-    configs = [build_config(cls, values) for cls in (DistillConfig, LossConfig, QuantConfig, DataConfig,
-                                                      CheckpointConfig)]
-    run_distill(*configs)
-    return 0
-
-
-def _demo(values: dict) -> int:
-    from ckaqad.demo import DemoConfig, run_demo
-
-    run_demo(build_config(DemoConfig, values))
-    return 0
-
-
-def _commands() -> dict[str, tuple[str, list[tuple[type, tuple[str, ...]]], Callable[[dict], int]]]:
-    """Every subcommand: (help, [(config dataclass, fields not exposed)], handler). The one registry of names."""
-    from ckaqad.checkpoint import CheckpointConfig
-    from ckaqad.data import DataConfig
-    from ckaqad.demo import DemoConfig
-    from ckaqad.diagnose import DiagnoseConfig
-    from ckaqad.distill import DistillConfig
-    from ckaqad.losses import LossConfig
-    from ckaqad.quantize import QuantConfig
-
-    return {
-        "diagnose": ("layerwise CKA, KL and perplexity of NVFP4 (or other) students against the teacher",
-                     [(DiagnoseConfig, ()), (QuantConfig, ("format", "scheme")), (DataConfig, ())], _diagnose),
-        "distill": ("quantization-aware distillation of the student: KL-only QAD or CKA-QAD",
-                    [(DistillConfig, ()), (LossConfig, ()), (QuantConfig, ()), (DataConfig, ()),
-                     (CheckpointConfig, ())], _distill),
-        "demo": ("embedded model -> PTQ -> KL-QAD and CKA-QAD -> diagnosis -> report.md/report.html",
-                 [(DemoConfig, ())], _demo),
-        **_export_eval_commands(),
-    }
-
-
-def _export_eval_commands() -> dict:
-    from ckaqad import evaluate, export
-
-    return {**export.cli_commands(), **evaluate.cli_commands()}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from ckaqad import __version__
-
-    parser = argparse.ArgumentParser(prog="ckaqad", description="NVFP4 students, CKA diagnosis and CKA-QAD")
-    parser.add_argument("--version", action="version", version=f"ckaqad {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, classes, handler, *positional) in _commands().items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        for arg in positional:
-            p.add_argument(arg, nargs="+", help="result directories")
-        p.add_argument("--config", default=None, help="YAML file with any of the options below (flags win)")
-        for cls, skip in classes:
-            add_dataclass_args(p, cls, skip)
-        p.set_defaults(handler=handler, classes=[c for c, _ in classes])
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handler, classes = args.handler, args.classes
-    del args.classes
     try:
-        return handler(merged_values(args, classes))
+        return _main(list(sys.argv[1:] if argv is None else argv))
     except CkaqadError as exc:
         message = " ".join(str(exc).split())  # one line, even when it quotes a multi-line library error
         print(f"ckaqad: error: {message}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Errors the user can fix. `cli.main` is the one place that catches them (exit code 2)."""
+"""Every error type the user can fix. `cli.main` is the one place that catches them: it prints
+`ckaqad: error: …` on one line and exits with code 2. Other exceptions are bugs and keep their traceback."""
 
 
 class CkaqadError(Exception):
@@ -6,7 +7,7 @@ class CkaqadError(Exception):
 
 
 class ConfigError(CkaqadError):
-    """A flag, config value or name (format, scheme, loss, task) that is not valid."""
+    """A flag, config value or name (format, scheme, objective, task) that is not valid."""
 
 
 class FormatError(CkaqadError):
@@ -22,23 +23,20 @@ class DataError(CkaqadError):
 
 
 class CheckpointError(CkaqadError):
-    """A run or checkpoint directory that is missing, incomplete or does not match the config."""
+    """A run, student or checkpoint directory that is missing, incomplete or does not match the config."""
 
 
 class ExportError(CkaqadError):
     """An export that cannot be written or read back."""
 
 
-def close_matches(name: str, choices) -> str:
-    """Return ' (did you mean: a, b?)' for the closest choices, or ''."""
-    import difflib
-
-    near = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
-    return f" (did you mean: {', '.join(near)}?)" if near else ""
+class TrainingError(CkaqadError):
+    """Training cannot continue (for example, the loss stayed non-finite)."""
 
 
-def unknown_name(kind: str, name: str, choices) -> ConfigError:
-    """ConfigError for a name that is not registered, listing the valid ones."""
-    return ConfigError(
-        f"unknown {kind} {name!r}{close_matches(name, choices)}; choose from: {', '.join(sorted(choices))}"
-    )
+class MissingDependencyError(CkaqadError):
+    """An optional package that a command needs is not installed; the message says how to install it."""
+
+
+class DiskFullError(CkaqadError):
+    """A write ran out of space (or quota); the message names the path."""

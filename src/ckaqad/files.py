@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ckaqad.errors import ConfigError
+from ckaqad.errors import ConfigError, DiskFullError
+
+# Errno values that mean "out of space": a full disk, or a quota.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 def check_writable(path: str | os.PathLike, flag: str = "--out") -> Path:
@@ -45,7 +50,13 @@ def atomic_directory(target: str | os.PathLike, replace: bool = True) -> Iterato
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as exc:
+            if is_out_of_space(exc):
+                raise DiskFullError(f"no space left on the device while writing {target}: free some space or "
+                                    "choose another output directory") from exc
+            raise
         ordinary_permissions(tmp)
         if target.exists():
             if not replace:
@@ -58,4 +69,38 @@ def atomic_directory(target: str | os.PathLike, replace: bool = True) -> Iterato
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """True for an out-of-space error: an OSError with ENOSPC/EDQUOT, or a library error that wraps one
+    (safetensors raises `SafetensorError("... No space left on device (os error 28)")`)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "Disk quota exceeded" in text or "StorageFull" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def write_json(path: Path, data, indent: int | None = 2, sort_keys: bool = False) -> None:
+    """JSON to `path` through a temp file and a rename, so a reader never sees half a file."""
+    write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """`text` to `path` through a temp file beside it and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if is_out_of_space(exc):
+            raise DiskFullError(f"no space left on the device while writing {path}") from exc
         raise

@@ -196,7 +196,7 @@ def test_sqnr_on_gaussian_data():
 
 
 def test_registry_names():
-    assert FORMATS == {"nvfp4": nvfp4, "mxfp4": mxfp4, "int4": int4}
+    assert dict(FORMATS.items()) == {"nvfp4": nvfp4, "mxfp4": mxfp4, "int4": int4}
     for name, module in FORMATS.items():
         assert get_format(name) is module
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from strategies import FP4_GRID, nvfp4_inputs, nvfp4_special_cases
 
 from ckaqad.errors import FormatError
-from ckaqad.formats import nvfp4
+from ckaqad.formats import e2m1, nvfp4
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -144,10 +144,11 @@ def test_reference_e2m1_golden_ties():
 
 
 def test_module_constants_agree_with_the_reference():
-    assert nvfp4.E2M1_VALUES == FP4_GRID
+    assert e2m1.E2M1_VALUES == FP4_GRID
     assert nvfp4.e2m1_grid().tolist() == list(FP4_GRID) + [-v for v in FP4_GRID]
     assert math.copysign(1.0, nvfp4.e2m1_grid()[8].item()) == -1.0  # code 8 is -0
     assert nvfp4.BLOCK_SIZE == 16 and nvfp4.FP4_MAX == 6.0 and nvfp4.FP8_E4M3_MAX == 448.0
+    assert nvfp4.GLOBAL_RANGE == 6.0 * 448.0
 
 
 def test_e2m1_index_on_every_grid_point_tie_and_neighbour():

@@ -64,12 +64,27 @@ def test_kernel_is_bit_exact_with_the_reference(device):
     assert mismatched == []
 
 
+def test_kernel_takes_its_rounding_from_e2m1():
+    """The E2M1 boundaries and values reach the kernel as arguments generated from `e2m1`, not re-typed."""
+    import importlib.util
+
+    from ckaqad.formats import nvfp4_triton
+    from ckaqad.formats.e2m1 import E2M1_BOUNDARIES, E2M1_VALUES
+
+    source = Path(importlib.util.find_spec("ckaqad.formats.nvfp4_triton").origin).read_text()
+    kernel = source[source.index("def _nvfp4_fake_quant_kernel"):source.index("def fake_quantize")]
+    for boundary, _ in E2M1_BOUNDARIES:
+        assert str(boundary) not in kernel
+    assert "6.0" not in kernel and "448" not in kernel
+    assert nvfp4_triton._GRID_ARGS["B6"] == E2M1_BOUNDARIES[6][0] and nvfp4_triton._GRID_ARGS["V7"] == E2M1_VALUES[7]
+
+
 def test_comparison_detects_a_wrong_kernel(tmp_path):
     """The harness can fail: a kernel that skips the FP8 rounding of the block scale is caught."""
     import importlib.util
 
     source = Path(importlib.util.find_spec("ckaqad.formats.nvfp4_triton").origin).read_text()
-    broken = source.replace("s8 = _e4m3_round(tl.minimum(ratio, 448.0))", "s8 = tl.minimum(ratio, 448.0)")
+    broken = source.replace("s8 = _e4m3_round(tl.minimum(ratio, FP8_MAX))", "s8 = tl.minimum(ratio, FP8_MAX)")
     assert broken != source
     package = tmp_path / "broken"
     package.mkdir()

@@ -1,22 +1,28 @@
 """Number formats. Each module holds its constants, its fp32 reference quantizer and `fake_quantize`.
 
-`FORMATS` is the one registry of format names: `get_format(name)` returns the module.
+`FORMATS` is the one registry of format names: `get_format(name)` returns the module. On a CUDA machine
+with Triton, importing this package registers the fused NVFP4 kernel as the fast path (`backends`).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from ckaqad.errors import unknown_name
-from ckaqad.formats import int4, mxfp4, nvfp4
+import torch
 
-FORMATS: dict[str, ModuleType] = {"nvfp4": nvfp4, "mxfp4": mxfp4, "int4": int4}
+from ckaqad.formats import backends, int4, mxfp4, nvfp4
+from ckaqad.registry import Registry
+
+FORMATS: Registry[ModuleType] = Registry("format", flag="--format")
+for _module in (nvfp4, mxfp4, int4):
+    FORMATS.register(_module.__name__.rsplit(".", 1)[-1], _module)
 # Formats with a per-tensor global scale that activations calibrate (max-calibration, then frozen).
 CALIBRATED_FORMATS = frozenset({"nvfp4"})
+
+if torch.cuda.is_available() and backends.triton_available():
+    from ckaqad.formats import nvfp4_triton  # noqa: F401  (registers the CUDA fast path)
 
 
 def get_format(name: str) -> ModuleType:
     """The format module registered as `name` (ConfigError listing the valid names otherwise)."""
-    if name not in FORMATS:
-        raise unknown_name("format", name, FORMATS)
-    return FORMATS[name]
+    return FORMATS.get(name)

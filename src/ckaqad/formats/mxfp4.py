@@ -1,5 +1,5 @@
 """MXFP4 (OCP Microscaling): FP4 E2M1 elements in blocks of 32 along the last dim, one E8M0 (power of two)
-scale per block, no global scale. For comparison with NVFP4; the E2M1 grid comes from `nvfp4`.
+scale per block, no global scale. For comparison with NVFP4; the E2M1 grid comes from `e2m1`.
 
     e   = floor(log2(block_amax)) - 2          (2 = exponent of the largest E2M1 value, 6 = 1.5 * 2**2)
     q   = round_e2m1(|x| / 2**e)  (ties to even, saturating at 6)
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ckaqad.formats.nvfp4 import E2M1_VALUES, check_blockable, e2m1_grid, e2m1_index
+from ckaqad.formats.e2m1 import e2m1_grid, e2m1_index, e2m1_magnitudes
+from ckaqad.formats.nvfp4 import check_blockable
 from ckaqad.formats.ste import straight_through
 
 BLOCK_SIZE = 32
@@ -54,7 +55,7 @@ def quantize(x: torch.Tensor, global_amax=None) -> MXFP4Tensor:
 
 def fake_quantize_reference(x: torch.Tensor, global_amax=None) -> torch.Tensor:
     blocks, index, exponent = _blocks(x)
-    mags = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=x.device)[index.long()]
+    mags = e2m1_magnitudes(index)
     return torch.copysign(mags * torch.exp2(exponent), blocks).flatten(-2).to(x.dtype)
 
 

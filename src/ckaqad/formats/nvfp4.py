@@ -21,41 +21,21 @@ from dataclasses import dataclass
 import torch
 
 from ckaqad.errors import FormatError
+from ckaqad.formats import backends
+from ckaqad.formats.e2m1 import FP4_MAX, e2m1_grid, e2m1_index, e2m1_magnitudes
 from ckaqad.formats.ste import straight_through
 
 BLOCK_SIZE = 16
-FP4_MAX = 6.0
 FP8_E4M3_MAX = 448.0
-# E2M1 magnitudes indexed by the 3-bit code; the sign is bit 3.
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-# Rounding boundaries between consecutive grid points; `True` means the boundary itself rounds up (the
-# upper neighbour has the even mantissa), `False` that it rounds down (ties to even).
-E2M1_BOUNDARIES = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True),
-                   (5.0, False))
-
-
-def e2m1_index(a: torch.Tensor) -> torch.Tensor:
-    """Index 0..7 of the E2M1 magnitude nearest to `a >= 0` (ties to even, saturating at 6), uint8.
-
-    Seven compare-and-add passes: on CPU this beats `torch.bucketize` by about 8x.
-    """
-    index = torch.zeros_like(a, dtype=torch.uint8)
-    for boundary, tie_up in E2M1_BOUNDARIES:
-        index += (a >= boundary) if tie_up else (a > boundary)
-    return index
-
-
-def e2m1_grid(device=None) -> torch.Tensor:
-    """The 16 code values (code = sign<<3 | index) as float32, index 8 is -0."""
-    mags = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
-    return torch.cat([mags, -mags])
+# The ratio between a tensor's amax and its global scale g: the largest FP4 value times the largest FP8 scale.
+GLOBAL_RANGE = FP4_MAX * FP8_E4M3_MAX
 
 
 def global_scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
     """g = amax / (6 * 448) as a float32 scalar tensor."""
     amax = torch.as_tensor(amax, dtype=torch.float32)
     # Divide by a tensor: a Python-scalar divisor may become a multiply by its reciprocal on some backends.
-    return amax / torch.tensor(FP4_MAX * FP8_E4M3_MAX, dtype=torch.float32, device=amax.device)
+    return amax / torch.tensor(GLOBAL_RANGE, dtype=torch.float32, device=amax.device)
 
 
 def check_blockable(x: torch.Tensor, block_size: int = BLOCK_SIZE, name: str = "NVFP4") -> None:
@@ -121,7 +101,7 @@ def quantize(x: torch.Tensor, global_amax: torch.Tensor | float | None = None) -
 def fake_quantize_reference(x: torch.Tensor, global_amax: torch.Tensor | float | None = None) -> torch.Tensor:
     """Quantize-dequantize in plain torch, no autograd: `quantize(x, global_amax).dequantize()` in x.dtype."""
     blocks, index, _, _, s = _quantize_blocks(x, global_amax)
-    mags = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=x.device)[index.long()]
+    mags = e2m1_magnitudes(index)
     # copysign keeps the sign of values that round to zero (-0), like the codes do.
     return torch.copysign(mags * s, blocks).flatten(-2).to(x.dtype)
 
@@ -133,9 +113,8 @@ def fake_quantize(x: torch.Tensor, global_amax: torch.Tensor | float | None = No
     Equal to `quantize(x, global_amax).dequantize().to(x.dtype)`. The gradient passes unchanged, or, with
     `clip_gradient`, is zeroed where |x| > amax (the values that saturate).
     """
-    from ckaqad.formats import kernels
-
-    return straight_through(kernels.nvfp4_fake_quantize, x, global_amax, clip_gradient)
+    quant_dequant = backends.fast_path("nvfp4", x) or fake_quantize_reference
+    return straight_through(quant_dequant, x, global_amax, clip_gradient)
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:

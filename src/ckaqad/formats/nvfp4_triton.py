@@ -18,10 +18,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ckaqad.formats.nvfp4 import BLOCK_SIZE, check_blockable, global_scale_from_amax
+from ckaqad.formats import backends
+from ckaqad.formats.e2m1 import E2M1_BOUNDARIES, E2M1_VALUES
+from ckaqad.formats.nvfp4 import BLOCK_SIZE, FP8_E4M3_MAX, check_blockable, global_scale_from_amax
 
 BLOCKS_PER_PROGRAM = 128  # 128 blocks x 16 elements = 2048 elements per program
 _RNE_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds |r| < 2**22 half-to-even
+# The E2M1 rounding, as constexpr kernel arguments generated from `e2m1` (never re-typed here): boundary k
+# separates magnitude k from k+1, and TIE_k says whether the boundary itself rounds up.
+_GRID_ARGS = {**{f"B{k}": b for k, (b, _) in enumerate(E2M1_BOUNDARIES)},
+              **{f"TIE{k}": up for k, (_, up) in enumerate(E2M1_BOUNDARIES)},
+              **{f"V{k}": v for k, v in enumerate(E2M1_VALUES)}}
 
 
 @triton.jit
@@ -37,8 +44,22 @@ def _e4m3_round(v):
 
 
 @triton.jit
+def _above(a, boundary: tl.constexpr, tie_up: tl.constexpr):
+    if tie_up:
+        return a >= boundary
+    else:
+        return a > boundary
+
+
+@triton.jit
 def _nvfp4_fake_quant_kernel(x_ptr, out_ptr, g_ptr, n_blocks, BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                             OUT_BF16: tl.constexpr):
+                             OUT_BF16: tl.constexpr, FP4_MAX: tl.constexpr, FP8_MAX: tl.constexpr,
+                             B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr,
+                             B4: tl.constexpr, B5: tl.constexpr, B6: tl.constexpr,
+                             TIE0: tl.constexpr, TIE1: tl.constexpr, TIE2: tl.constexpr, TIE3: tl.constexpr,
+                             TIE4: tl.constexpr, TIE5: tl.constexpr, TIE6: tl.constexpr,
+                             V0: tl.constexpr, V1: tl.constexpr, V2: tl.constexpr, V3: tl.constexpr,
+                             V4: tl.constexpr, V5: tl.constexpr, V6: tl.constexpr, V7: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCKS + tl.arange(0, BLOCKS)
     cols = tl.arange(0, BLOCK_SIZE)
@@ -48,12 +69,18 @@ def _nvfp4_fake_quant_kernel(x_ptr, out_ptr, g_ptr, n_blocks, BLOCKS: tl.constex
     g = tl.load(g_ptr)
     ax = tl.abs(x)
     block_amax = tl.max(ax, axis=1)
-    ratio = tl.where(g > 0, tl.math.div_rn(block_amax, 6.0 * g), 0.0)
-    s8 = _e4m3_round(tl.minimum(ratio, 448.0))
+    ratio = tl.where(g > 0, tl.math.div_rn(block_amax, FP4_MAX * g), 0.0)
+    s8 = _e4m3_round(tl.minimum(ratio, FP8_MAX))
     s = (s8 * g)[:, None]
     a = tl.where(s > 0, tl.math.div_rn(ax, tl.where(s > 0, s, 1.0)), 0.0)
-    q = tl.where(a > 5.0, 6.0, tl.where(a >= 3.5, 4.0, tl.where(a > 2.5, 3.0, tl.where(
-        a >= 1.75, 2.0, tl.where(a > 1.25, 1.5, tl.where(a >= 0.75, 1.0, tl.where(a > 0.25, 0.5, 0.0)))))))
+    # Boundaries increase, so each passed boundary overwrites the magnitude below it.
+    q = tl.where(_above(a, B0, TIE0), V1, V0)
+    q = tl.where(_above(a, B1, TIE1), V2, q)
+    q = tl.where(_above(a, B2, TIE2), V3, q)
+    q = tl.where(_above(a, B3, TIE3), V4, q)
+    q = tl.where(_above(a, B4, TIE4), V5, q)
+    q = tl.where(_above(a, B5, TIE5), V6, q)
+    q = tl.where(_above(a, B6, TIE6), V7, q)
     magnitude = (q * s).to(tl.int32, bitcast=True)
     sign = x.to(tl.int32, bitcast=True) & -2147483648  # 0x80000000
     out_bits = magnitude | sign
@@ -79,5 +106,9 @@ def fake_quantize(x: torch.Tensor, global_amax: torch.Tensor | float | None = No
     n_blocks = x.numel() // BLOCK_SIZE
     grid = (triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM),)
     _nvfp4_fake_quant_kernel[grid](x, out.view(torch.int16) if bf16 else out, g, n_blocks,
-                                   BLOCKS=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK_SIZE, OUT_BF16=bf16)
+                                   BLOCKS=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK_SIZE, OUT_BF16=bf16,
+                                   FP4_MAX=E2M1_VALUES[-1], FP8_MAX=FP8_E4M3_MAX, **_GRID_ARGS)
     return out
+
+
+backends.register_cuda_fast_path("nvfp4", fake_quantize)

@@ -1,0 +1,189 @@
+"""`ckaqad distill`: distil a student from its teacher — KL-only QAD, CKA-QAD, or any composition of terms —
+with checkpoints, resume, metrics, TensorBoard and plots in the run directory (paths.RunDir).
+
+The student is `--student ptq` (the teacher's calibrated fake-quant copy) or any student directory, run,
+export or HF model directory (a pruned or fine-tuned model of its own depth: CKA compares blocks through
+`--layer-map`). Nothing is written before every input has been checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from ckaqad.capture import LayerMap
+from ckaqad.data.blocks import DataConfig, TokenBlocks, eval_batches, load_blocks
+from ckaqad.errors import CheckpointError, ConfigError
+from ckaqad.eval.fidelity import measure_fidelity
+from ckaqad.files import atomic_directory, check_writable, write_json, write_text
+from ckaqad.models.arch import num_layers
+from ckaqad.models.load import LoadedModel, load_model
+from ckaqad.objectives.compose import Composite, ObjectiveConfig
+from ckaqad.paths import RunDir
+from ckaqad.quant.linear import QuantConfig
+from ckaqad.report.plots import plot_run
+from ckaqad.students.spec import build_ptq_student, load_student
+from ckaqad.students.store import save_student_dir
+from ckaqad.train import trainer
+from ckaqad.train.checkpointer import CheckpointConfig, CheckpointManager
+from ckaqad.train.trainer import TrainConfig, Trainee
+
+HELP = "quantization-aware distillation of the student: KL-only QAD or CKA-QAD (or any objective)"
+
+# Fields that may differ between a run and its resumption.
+RESUME_MAY_CHANGE = {"resume", "out", "device", "progress", "steps", "eval_every"}
+
+
+@dataclass
+class Config:
+    teacher: str = "default"
+    """teacher: default (embedded SmolLM2-135M-Instruct), a .gguf file or an HF model directory"""
+    student: str = "ptq"
+    """student: ptq (the teacher's calibrated fake-quant copy) or a directory: HF model, student, run or export"""
+    layers: str = "all"
+    """student decoder blocks in the CKA term: all, or a list like 0,4,8-11"""
+    layer_map: str = "proportional"
+    """student->teacher blocks for CKA: proportional (identity at equal depth) or pairs like 0:0,1:2"""
+    device: str | None = None
+    """cpu or cuda (default: cuda when available)"""
+    out: str = "runs/distill"
+    """run directory"""
+    resume: str | None = None
+    """continue the run in this directory from its newest checkpoint"""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def flat_fields(config) -> dict:
+    """Every leaf field of a (nested) config dataclass by its flag name: what config.yaml holds."""
+    out: dict = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_fields(value))
+        else:
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_resume_config(run: RunDir, current: dict) -> None:
+    """CheckpointError naming the fields of `current` that differ from the run's saved config and may not
+    change on resume."""
+    if not run.config.is_file():
+        raise CheckpointError(f"--resume {run.root}: not a run directory (no {run.CONFIG})")
+    saved = yaml.safe_load(run.config.read_text()) or {}
+    differ = sorted(k for k in set(saved) | set(current)
+                    if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k))
+    if differ:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:4])
+        raise CheckpointError(f"--resume {run.root}: the config differs from the run's ({details})")
+
+
+def run_dir_of(config: Config) -> RunDir:
+    """The run directory, checked: an existing run to resume, or a new (empty or absent) directory."""
+    run = RunDir(Path(config.resume or config.out).expanduser())
+    if config.resume:
+        if not run.root.is_dir():
+            raise CheckpointError(f"--resume {config.resume}: no such run directory")
+        check_resume_config(run, flat_fields(config))
+        if run.latest_checkpoint() is None:
+            raise CheckpointError(f"--resume {config.resume}: the run has no complete checkpoint")
+    else:
+        check_writable(run.root)
+        if run.root.exists() and any(run.root.iterdir()):
+            raise ConfigError(f"--out {run.root} exists and is not empty; choose another or continue it with --resume")
+    return run
+
+
+def make_student(config: Config, teacher: LoadedModel, blocks: TokenBlocks):
+    """(student with gradients on, quantization report dict or None) from `--student`."""
+    if config.student == "ptq":
+        student, report = build_ptq_student(teacher.model, config.quant, blocks)
+        return student, report.to_dict()
+    # A loaded student trains as it is: quantized layers stay quantized with their saved scales, an
+    # unquantized one (a pruned or fine-tuned model) trains in float32.
+    loaded = load_student(config.student, teacher.model)
+    student = loaded.model.float().requires_grad_(True).eval()
+    return student, None
+
+
+def fidelity_callback(teacher: LoadedModel, student: torch.nn.Module, blocks: TokenBlocks, config: Config,
+                      layer_map: LayerMap):
+    """The held-out evaluation the loop runs every --eval-every steps and at the end."""
+    exclude = tuple(i for i in (teacher.tokenizer.bos_token_id,) if i is not None)
+    device = next(student.parameters()).device
+
+    def evaluate() -> dict:
+        with trainer.autocast(device):
+            results, teacher_stats = measure_fidelity(
+                teacher.model, {"student": student},
+                eval_batches(blocks.heldout, config.train.batch_size, device, limit=config.train.eval_blocks),
+                layer_map=layer_map, n_sink=config.train.n_sink, exclude_token_ids=exclude, progress=False)
+        r = results["student"]
+        return {"kl_per_token": r.kl_per_token, "perplexity": r.perplexity,
+                "teacher_perplexity": teacher_stats["perplexity"], "top1_agreement": r.top1_agreement,
+                "mean_cka": r.mean_cka, "min_cka": r.min_cka,
+                "cka_layers": {row["index"]: row["cka"] for row in r.layers}}
+
+    return evaluate
+
+
+def build_trainee(config: Config, teacher_loaded: LoadedModel | None = None) -> tuple[Trainee, dict | None]:
+    """Validate, load the teacher, data and student, create the optimizer, restore a checkpoint on resume.
+
+    Nothing is written here: a run directory only appears once every input has been checked.
+    """
+    run = run_dir_of(config)
+    torch.manual_seed(config.train.seed)
+    teacher = teacher_loaded or load_model(config.teacher, device=config.device)
+    blocks = load_blocks(config.data, teacher.model, teacher.tokenizer)
+    cfg = config.train
+    tokens_per_batch = cfg.batch_size * (config.data.seq_len - cfg.n_sink)
+    if config.objective.uses_cka and cfg.cka_tokens > tokens_per_batch:
+        raise ConfigError(f"--cka-tokens {cfg.cka_tokens} is larger than the {tokens_per_batch} valid tokens "
+                          f"of a micro-batch ({cfg.batch_size} x {config.data.seq_len}, sinks excluded)")
+    student, report = make_student(config, teacher, blocks)
+    layer_map = LayerMap.parse(config.layer_map, num_layers(student), num_layers(teacher.model), config.layers)
+    optimizer, scheduler = trainer.make_optimizer(student, cfg)
+    trainee = Trainee(config=cfg, teacher=teacher.model, student=student, tokenizer=teacher.tokenizer,
+                      blocks=blocks, layer_map=layer_map, objective=Composite(config.objective),
+                      optimizer=optimizer, scheduler=scheduler, checkpoint=config.checkpoint, run=run,
+                      evaluate=fidelity_callback(teacher, student, blocks, config, layer_map))
+    if config.resume:
+        state = CheckpointManager(run.root, config.checkpoint).load(student, optimizer, scheduler)
+        trainee.start_step = state["step"]
+    return trainee, report
+
+
+def write_run_files(trainee: Trainee, config: Config, report: dict | None) -> None:
+    trainee.run.root.mkdir(parents=True, exist_ok=True)
+    write_text(trainee.run.config, yaml.safe_dump(flat_fields(config), sort_keys=True))
+    if report is not None:
+        write_json(trainee.run.quantization, report)
+
+
+def run(config: Config, teacher_loaded: LoadedModel | None = None) -> dict:
+    """Build (or resume) and train; write the final student, plots and summary.json; return the summary."""
+    trainee, report = build_trainee(config, teacher_loaded)
+    if trainee.start_step == 0:
+        write_run_files(trainee, config, report)
+    final = trainer.train(trainee)
+    with atomic_directory(trainee.run.student.root) as tmp:
+        save_student_dir(trainee.student, tmp, trainee.tokenizer,
+                         extra={"label": trainee.run.root.name, "step": config.train.steps,
+                                "teacher": config.teacher})
+    plot_run(trainee.run.root)
+    summary = {"final": final, "steps": config.train.steps, "loss": config.objective.loss}
+    write_json(trainee.run.summary, summary)
+    if config.train.progress:
+        print(f"{config.objective.loss}: held-out KL {final['kl_per_token']:.4f}, ppl {final['perplexity']:.3f} "
+              f"(teacher {final['teacher_perplexity']:.3f}), top-1 {final['top1_agreement']:.3f}, "
+              f"mean CKA {final['mean_cka']:.4f}, min CKA {final['min_cka']:.4f} -> {trainee.run.root}")
+    return summary

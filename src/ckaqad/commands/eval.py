@@ -1,0 +1,197 @@
+"""`ckaqad eval`: measure any teacher, PTQ student, trained run or export the same way, offline.
+
+Suites (`eval.suites.SUITES`): `fidelity` (needs the teacher: held-out KL, perplexity, top-1 agreement,
+per-layer CKA), `humaneval` (canonical-solution NLL and execution pass@k of completions, run in sandboxed
+subprocesses), `lm-eval` (lm-evaluation-harness tasks from local YAML and data). Students are evaluated
+exactly as trained: the fake-quant model (an export is loaded back into one). `--model default` measures
+the embedded teacher against itself. Writes eval.json, eval.md and results.json atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from ckaqad.errors import CheckpointError, ConfigError
+from ckaqad.eval.suites import NEEDS_TEACHER, SUITES
+from ckaqad.files import atomic_directory, check_writable, write_json, write_text
+from ckaqad.models.load import LoadedModel, load_model
+from ckaqad.paths import RunDir, detect
+from ckaqad.report import tables
+from ckaqad.report.results import ModelResult, ResultDir, flat_metrics, write_results
+from ckaqad.students.spec import load_student
+from ckaqad.students.store import check_vocabulary
+
+HELP = "evaluate a model, run or export: fidelity to the teacher, HumanEval, lm-eval tasks"
+
+PROMPT_CHOICES = ("auto", "completion", "instruct")
+STUDENT_KINDS = ("export", "student", "run")  # `paths.detect` kinds loaded as students of a teacher
+
+
+@dataclass
+class Config:
+    model: str = "default"
+    """model to evaluate: default, a .gguf file, an HF directory, a run, student or export directory"""
+    teacher: str | None = None
+    """teacher for fidelity (default: the run's teacher, else the embedded model)"""
+    suite: str = "fidelity,humaneval"
+    """comma-separated suites: fidelity, humaneval, lm-eval"""
+    tasks: str | None = None
+    """comma-separated lm-eval task names (with --suite lm-eval)"""
+    include_path: str | None = None
+    """directory of local lm-eval task YAML files"""
+    limit: int | None = None
+    """evaluate only the first N HumanEval problems / lm-eval documents / held-out blocks"""
+    humaneval_max_tokens: int = 384
+    """maximum generated tokens per HumanEval completion"""
+    humaneval_prompt: str = "auto"
+    """HumanEval prompt: completion (bare), instruct (lm-eval's humaneval_instruct) or auto (instruct if chat)"""
+    humaneval_samples: int = 1
+    """completions per problem (pass@k for k up to this; >1 samples at --temperature)"""
+    temperature: float = 0.0
+    """HumanEval sampling temperature (0: greedy)"""
+    exec_timeout: float = 5.0
+    """seconds each HumanEval program may run"""
+    eval_blocks: int = 32
+    """held-out blocks for fidelity"""
+    batch_size: int = 8
+    """batch size for every suite"""
+    device: str | None = None
+    """cpu or cuda (default: cuda when available)"""
+    out: str = "runs/eval"
+    """output directory (eval.json, eval.md)"""
+
+    def __post_init__(self) -> None:
+        for suite in self.suites:
+            SUITES.check(suite)
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+        if "lm-eval" in self.suites and not self.tasks:
+            raise ConfigError("--suite lm-eval needs --tasks (and usually --include-path for local tasks)")
+        if self.humaneval_samples < 1 or self.batch_size < 1 or self.eval_blocks < 1:
+            raise ConfigError("--humaneval-samples, --batch-size and --eval-blocks must be at least 1")
+        if self.humaneval_prompt not in PROMPT_CHOICES:
+            raise ConfigError(f"--humaneval-prompt must be auto, completion or instruct, got {self.humaneval_prompt!r}")
+        if self.humaneval_samples > 1 and self.temperature <= 0:
+            raise ConfigError("--humaneval-samples > 1 needs --temperature > 0 (greedy samples are identical)")
+
+    @property
+    def suites(self) -> list[str]:
+        return [s.strip() for s in self.suite.split(",") if s.strip()]
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(s in NEEDS_TEACHER for s in self.suites)
+
+
+def run_of(path: Path) -> RunDir | None:
+    """The run `path` belongs to: the run itself, its final student (run/student), or a checkpoint or the
+    student of a checkpoint (run/checkpoints/step-N[/student]); None for anything else."""
+    path = path.expanduser().resolve()
+    for candidate in (path, *list(path.parents)[:3]):
+        run = RunDir(candidate)
+        if not run.is_run():
+            continue
+        members = {run.root, run.student.root}
+        for checkpoint in run.complete_checkpoints():
+            members |= {checkpoint.root, checkpoint.student.root}
+        if path in members:
+            return run
+    return None
+
+
+def run_teacher_spec(path: Path) -> str | None:
+    """The teacher the run owning `path` was trained against (its config.yaml `teacher`), if any."""
+    run = run_of(path)
+    if run is None:
+        return None
+    try:
+        saved = yaml.safe_load(run.config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"cannot read {run.config}: {exc}") from exc
+    return saved.get("teacher") if isinstance(saved, dict) else None
+
+
+@dataclass
+class EvalModel:
+    """The model under evaluation, its tokenizer and label, and the teacher (None when no suite needs one)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    label: str
+    teacher: LoadedModel | None
+
+
+def load_eval_model(spec: str, teacher_spec: str | None, device, need_teacher: bool) -> EvalModel:
+    """Any model spec: a run, student or export directory is loaded as a student of its teacher (--teacher,
+    else the run's, else the embedded model) with the teacher's tokenizer; `default`, a .gguf or an HF
+    directory is loaded as a model with its own tokenizer (and is its own teacher when it is the default)."""
+    path = Path(spec).expanduser()
+    if detect(path) in STUDENT_KINDS:
+        teacher = load_model(teacher_spec or run_teacher_spec(path) or "default", device=device)
+        loaded = load_student(path, teacher.model)
+        return EvalModel(loaded.model, teacher.tokenizer, loaded.label, teacher)
+    model = load_model(spec, device=device)
+    label = path.name if spec != "default" else "teacher"
+    if not need_teacher:
+        return EvalModel(model.model, model.tokenizer, label, None)
+    if teacher_spec:
+        teacher = load_model(teacher_spec, device=device)
+    else:
+        teacher = model if spec == "default" else load_model("default", device=device)
+    check_vocabulary(model.model, teacher.model, spec)
+    return EvalModel(model.model, model.tokenizer, label, teacher)
+
+
+def write_eval(out: Path, payload: dict) -> None:
+    """eval.json (everything, per-problem HumanEval results included), eval.md and results.json."""
+    d = ResultDir(out)
+    write_json(d.eval_json, payload)
+    lines = [f"# Evaluation: {payload['label']}", "",
+             f"Model `{payload['model']}`; teacher `{payload.get('teacher')}`; device {payload['device']}; "
+             f"{payload['runtime_s']:.0f} s.", "", *tables.metric_lines(flat_metrics(payload))]
+    he = payload.get("humaneval")
+    if he:
+        failed = [p for p in he["per_problem"] if not p["correct"]]
+        lines += ["", f"HumanEval ({he.get('prompt_style', 'completion')} prompt): {he['num_problems']} problems, "
+                  f"pass@1 {he.get('pass@1', float('nan')):.3f}, "
+                  f"canonical-solution NLL {he['nll_token_mean']:.4f} nats/token; "
+                  f"{len(failed)} failed (reasons in eval.json)."]
+    write_text(d.eval_md, "\n".join(lines) + "\n")
+    fid = payload.get("fidelity") or {}
+    model = ModelResult(label=payload["label"], source=payload["model"],
+                        fidelity={k: v for k, v in fid.items() if k not in ("layers", "token_rule", "data")},
+                        layers=list(fid.get("layers", [])),
+                        humaneval={k: v for k, v in (he or {}).items() if k != "per_problem"},
+                        lm_eval=payload.get("lm_eval") or {})
+    teacher = {"source": payload.get("teacher")}
+    if "teacher_perplexity" in fid:
+        teacher["perplexity"] = fid["teacher_perplexity"]
+    meta = {"device": payload["device"], "runtime_s": payload["runtime_s"], "config": payload["config"],
+            **({"token_rule": fid["token_rule"], "data": fid["data"]} if fid else {})}
+    write_results(out, "eval", [model], teacher=teacher, meta=meta)
+
+
+def run(config: Config) -> dict:
+    """Evaluate --model with every suite; write --out atomically, print eval.md; return the eval.json payload."""
+    out = check_writable(config.out)
+    started = time.perf_counter()
+    target = load_eval_model(config.model, config.teacher, config.device, need_teacher=config.needs_teacher)
+    target.model.eval()
+    payload: dict = {"model": config.model, "label": target.label,
+                     "teacher": target.teacher.source if target.teacher else None,
+                     "device": str(next(target.model.parameters()).device), "config": asdict(config)}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=next(target.model.parameters()).is_cuda)
+    with autocast:
+        for name, suite in SUITES.items():  # registry order, whatever the order of --suite
+            if name in config.suites:
+                payload[name.replace("-", "_")] = suite(target.model, target.tokenizer, target.teacher, config)
+    payload["runtime_s"] = time.perf_counter() - started
+    with atomic_directory(out) as tmp:
+        write_eval(tmp, payload)
+    print(ResultDir(out).eval_md.read_text())
+    return payload

@@ -1,0 +1,182 @@
+"""Fidelity: where a student's hidden states drift from the teacher's, and what it costs in logits.
+
+One pass over held-out blocks runs the teacher once and every student on the same batch, and accumulates:
+per-layer linear CKA (biased, exact over all tokens; debiased, Nguyen et al. minibatch estimator) on the
+residual-stream output of each decoder block with sinks and padding excluded, KL(teacher ‖ student) per
+token, perplexities and top-1 agreement (METHOD.md §6). A student of another depth than the teacher (a
+pruned one) is compared block to block through a `capture.LayerMap`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ckaqad.capture import LayerCapture, LayerMap, valid_token_mask
+from ckaqad.cka import CKAAccumulator
+from ckaqad.errors import ConfigError
+from ckaqad.models.arch import num_layers
+from ckaqad.objectives.ce import next_token_nll
+from ckaqad.objectives.kl import chunked_kl
+from ckaqad.quant.apply import cached_quantized_weights
+
+# The headline numbers, in table order: what `Fidelity.headline()` returns and `ckaqad compare` shows.
+HEADLINE = ("kl_per_token", "perplexity", "top1_agreement", "mean_cka", "min_cka", "min_cka_layer",
+            "mean_cka_debiased", "predicted_tokens", "cka_tokens")
+# The subset `ckaqad compare` puts in its table (counts and layer indices are not comparable metrics).
+COMPARED = ("kl_per_token", "perplexity", "top1_agreement", "mean_cka", "min_cka")
+
+
+@dataclass
+class Fidelity:
+    """How close one student is to the teacher on the held-out tokens.
+
+    `layers`: one row per compared student block, `{index (student block), teacher_index, cka, cka_debiased}`,
+    in student order. `min_cka_layer` is a student block index (-1 when no layer was compared).
+    """
+
+    label: str
+    layers: list[dict] = field(default_factory=list)
+    mean_cka: float = float("nan")
+    min_cka: float = float("nan")
+    min_cka_layer: int = -1
+    mean_cka_debiased: float = float("nan")
+    kl_per_token: float = float("nan")
+    perplexity: float = float("nan")
+    top1_agreement: float = float("nan")
+    predicted_tokens: int = 0
+    cka_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def headline(self) -> dict[str, float | int]:
+        """The flat headline numbers (HEADLINE), without the per-layer rows."""
+        return {key: getattr(self, key) for key in HEADLINE}
+
+
+class _StudentStats:
+    """Running sums of one student: a CKA accumulator per (student block, teacher block) pair, KL, NLL."""
+
+    def __init__(self, layer_map: LayerMap) -> None:
+        self.layer_map = layer_map
+        self.cka = {s: CKAAccumulator() for s, _ in layer_map.pairs}
+        self.kl_sum = 0.0
+        self.kl_tokens = 0
+        self.nll_sum = 0.0
+        self.nll_tokens = 0
+        self.agree = 0
+
+    def result(self, label: str) -> Fidelity:
+        layers = [{"index": s, "teacher_index": t, "cka": self.cka[s].biased(), "cka_debiased": self.cka[s].debiased()}
+                  for s, t in self.layer_map.pairs]
+        values = [row["cka"] for row in layers]
+        worst = min(range(len(values)), key=values.__getitem__) if values else -1
+        return Fidelity(
+            label=label, layers=layers,
+            mean_cka=sum(values) / len(values) if values else float("nan"),
+            min_cka=values[worst] if values else float("nan"),
+            min_cka_layer=layers[worst]["index"] if values else -1,
+            mean_cka_debiased=sum(r["cka_debiased"] for r in layers) / max(len(layers), 1),
+            kl_per_token=self.kl_sum / max(self.kl_tokens, 1),
+            perplexity=math.exp(self.nll_sum / max(self.nll_tokens, 1)),
+            top1_agreement=self.agree / max(self.kl_tokens, 1),
+            predicted_tokens=self.nll_tokens,
+            cka_tokens=next(iter(self.cka.values())).n if self.cka else 0,
+        )
+
+
+def layer_maps(teacher: nn.Module, students: dict[str, nn.Module], layers: list[int] | None = None,
+               layer_map: LayerMap | None = None) -> dict[str, LayerMap]:
+    """{label: LayerMap}: `layer_map` for every student when given, else each student's proportional map (the
+    identity at equal depth), restricted to the student blocks in `layers` when given."""
+    if layer_map is not None and layers is not None:
+        raise ConfigError("give the compared layers either as a layer map or as a list of layers, not both")
+    teacher_depth = num_layers(teacher)
+    maps = {}
+    for label, model in students.items():
+        depth = num_layers(model)
+        if layer_map is None:
+            chosen = LayerMap.parse("proportional", depth, teacher_depth)
+            if layers is not None:
+                bad = [i for i in layers if not 0 <= i < depth]
+                if bad:
+                    raise ConfigError(f"layers {bad} are out of range for {label!r} with {depth} layers")
+                chosen = LayerMap(tuple(p for p in chosen.pairs if p[0] in set(layers)))
+        else:
+            if any(s >= depth for s in layer_map.student_layers) or any(t >= teacher_depth
+                                                                         for t in layer_map.teacher_layers):
+                raise ConfigError(f"the layer map {layer_map.pairs} does not fit {label!r} ({depth} layers) and "
+                                  f"the teacher ({teacher_depth} layers)")
+            chosen = layer_map
+        maps[label] = chosen
+    return maps
+
+
+@torch.no_grad()
+def measure_fidelity(teacher: nn.Module, students: dict[str, nn.Module], batches, layers: list[int] | None = None,
+                     n_sink: int = 1, exclude_token_ids: tuple[int, ...] = (), progress: bool = True,
+                     total: int | None = None, layer_map: LayerMap | None = None
+                     ) -> tuple[dict[str, Fidelity], dict]:
+    """Fidelity of each student to `teacher` over `batches` (model kwargs on the models' device).
+
+    Returns ({label: Fidelity}, teacher stats {perplexity, predicted_tokens}). CKA uses every valid token
+    (not a sample): position < n_sink, padding and `exclude_token_ids` are left out. Block pairs come from
+    `layer_map` (one map for every student) or, by default, each student's proportional map restricted to
+    the student blocks in `layers`. The students' quantized weights are computed once for the whole pass.
+    """
+    from tqdm.auto import tqdm
+
+    maps = layer_maps(teacher, students, layers, layer_map)
+    stats = {label: _StudentStats(maps[label]) for label in students}
+    teacher_layers = sorted({t for m in maps.values() for t in m.teacher_layers})
+    teacher_nll, teacher_tokens = 0.0, 0
+    captures = {label: LayerCapture(model, maps[label].student_layers, detach=True)
+                for label, model in students.items()}
+    teacher_capture = LayerCapture(teacher, teacher_layers, detach=True)
+    try:
+        with cached_quantized_weights(*students.values()):
+            for batch in tqdm(batches, total=total, desc="diagnose", disable=not progress, unit="batch"):
+                mask = valid_token_mask(batch["input_ids"], batch.get("attention_mask"), n_sink, exclude_token_ids)
+                rows = mask.flatten().nonzero().squeeze(1)
+                # Every capture gets this batch's rows before any forward: a student that is the teacher object
+                # itself (`ckaqad eval --model default`) has both hooks fire in the teacher's forward.
+                for capture in (teacher_capture, *captures.values()):
+                    capture.rows = rows
+                t_logits = teacher(**batch).logits
+                teacher_states = teacher_capture.take()
+                nll, count = next_token_nll(t_logits, batch["input_ids"], batch.get("attention_mask"))
+                teacher_nll += float(nll)
+                teacher_tokens += count
+                real = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+                n_real = int(real.sum())
+                t_top1 = t_logits.argmax(-1)
+                for label, model in students.items():
+                    st = stats[label]
+                    s_logits = model(**batch).logits
+                    student_states = captures[label].take()
+                    st.kl_sum += float(chunked_kl(s_logits, t_logits, real)) * n_real
+                    st.kl_tokens += n_real
+                    nll, count = next_token_nll(s_logits, batch["input_ids"], batch.get("attention_mask"))
+                    st.nll_sum += float(nll)
+                    st.nll_tokens += count
+                    st.agree += int(((s_logits.argmax(-1) == t_top1) & real).sum())
+                    for s, t in st.layer_map.pairs:
+                        st.cka[s].update(student_states[s], teacher_states[t])
+    finally:
+        teacher_capture.remove()
+        for capture in captures.values():
+            capture.remove()
+    results = {label: st.result(label) for label, st in stats.items()}
+    teacher_stats = {"perplexity": math.exp(teacher_nll / max(teacher_tokens, 1)), "predicted_tokens": teacher_tokens}
+    return results, teacher_stats
+
+
+def token_rule(n_sink: int) -> str:
+    """The tokens CKA is computed over, in words (for reports)."""
+    return (f"every held-out token except the first {n_sink} position(s) of each sequence (attention sinks), "
+            "BOS and padding")

@@ -1,0 +1,165 @@
+"""Reading an NVFP4 export (either layout) back: what it holds (`inspect_export`, `is_export_dir`), its
+tensors (`read_tensors`) and the fake-quantized student it was written from (`load_export`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch as safetensors_torch
+import torch
+from torch import nn
+
+from ckaqad.errors import ExportError
+from ckaqad.export.compress import decompress, quantized_modules, requantizes_exactly
+from ckaqad.export.layouts import Layout, detect, read_json
+from ckaqad.models.arch import tied_output_name
+from ckaqad.paths import ExportDir
+from ckaqad.quant.apply import quant_linears, quantize_model_
+from ckaqad.quant.linear import QuantConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportInfo:
+    """What an export directory holds: its layout, its scheme, config.json and its weight files."""
+
+    root: Path
+    layout: Layout
+    w4a4: bool
+    config: dict
+    weight_files: list[Path]
+
+
+def inspect_export(export_dir: str | os.PathLike) -> ExportInfo:
+    """Layout, scheme and weight files of an export directory; ExportError if it is not one."""
+    export = ExportDir(Path(export_dir).expanduser())
+    if not export.root.exists():
+        raise ExportError(f"export directory {export.root} does not exist")
+    if not export.root.is_dir():
+        raise ExportError(f"{export.root} is not a directory")
+    found = detect(export.root)
+    if export.shard_index.is_file():
+        weight_map = read_json(export.shard_index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ExportError(f"{export.shard_index} has no weight_map")
+        files = [export.root / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = [export.single_shard]
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise ExportError(f"{export.root} is incomplete: missing {', '.join(missing)}")
+    return ExportInfo(root=export.root, layout=found.layout, w4a4=found.w4a4, config=found.config,
+                      weight_files=files)
+
+
+def is_export_dir(path: str | os.PathLike) -> bool:
+    """True for a directory holding an NVFP4 export in either layout (config + weight files present)."""
+    try:
+        inspect_export(path)
+    except ExportError:
+        return False
+    return True
+
+
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors `files`, on CPU."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            tensors.update(safetensors_torch.load_file(str(path)))
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise ExportError(f"cannot read {path}: {exc}") from exc
+    return tensors
+
+
+def read_scales_record(export_dir: Path) -> dict:
+    """The parsed `ckaqad_scales.json` (exact amaxes; `export.compress`), or {} when the export has none."""
+    path = ExportDir(export_dir).scales
+    return read_json(path) if path.is_file() else {}
+
+
+def load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # transformers raises many types for unreadable tokenizers
+        raise ExportError(f"cannot load the tokenizer in {directory}: {exc}") from exc
+
+
+def _build_model(export_dir: Path, config_dict: dict) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = {k: v for k, v in config_dict.items() if k != "quantization_config"}
+    model_type = data.pop("model_type", None)
+    where = ExportDir(export_dir).config
+    if model_type is None:
+        raise ExportError(f"{where} has no model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **data)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as exc:  # unknown architectures, bad configs
+        raise ExportError(f"cannot build the model described by {where}: {exc}") from exc
+
+
+def _fill(model: nn.Module, state: dict[str, torch.Tensor], export_dir: Path) -> None:
+    """Copy `state` into the model's parameters and buffers (the tied output embedding comes with its input
+    embedding); ExportError for a missing, misshapen or unused tensor."""
+    skip = tied_output_name(model)
+    used: set[str] = set()
+    for key, target in model.state_dict(keep_vars=True).items():
+        if key == skip:
+            continue
+        if key not in state:
+            raise ExportError(f"{export_dir}: missing tensor {key}")
+        source = state[key]
+        if tuple(source.shape) != tuple(target.shape):
+            raise ExportError(f"{export_dir}: {key} has shape {tuple(source.shape)}, the model expects "
+                              f"{tuple(target.shape)}")
+        target.data.copy_(source.to(target.dtype))
+        used.add(key)
+    extra = sorted(set(state) - used)
+    if extra:
+        raise ExportError(f"{export_dir}: tensors that the model does not use: {extra[:5]}")
+
+
+@torch.no_grad()
+def load_export(export_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+    """Read an export (either layout) back as a fake-quantized float32 student in eval mode, with its
+    tokenizer.
+
+    Quantized layers get weight = the dequantized codes (`code · s8 · g`, exactly the student's quantized
+    weight) and frozen global amaxes; re-quantizing that weight in the forward returns the same codes and
+    scales, so the logits equal the exported student's (bit for bit with `ckaqad_scales.json`, see
+    `export.compress`; unquantized tensors are the bfloat16 values that were written). Gradients are off.
+    """
+    info = inspect_export(export_dir)
+    root = info.root
+    tensors = read_tensors(info.weight_files)
+    quantized = quantized_modules(tensors, info.layout)
+    model = _build_model(root, info.config)
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    unknown = sorted(set(quantized) - set(linears))
+    if unknown:
+        raise ExportError(f"{root}: quantized tensors for modules the model does not have: {unknown[:3]}")
+    config = QuantConfig(format="nvfp4", scheme="w4a4" if info.w4a4 else "w4a16", weight_global="frozen",
+                         exclude=tuple(sorted(set(linears) - set(quantized))))
+    quantize_model_(model, config)
+    if sorted(quant_linears(model)) != quantized:
+        raise ExportError(f"{root}: the quantized layers in the checkpoint do not match the model")
+    state = decompress(tensors, info.layout, info.w4a4, read_scales_record(root), where=str(root))
+    _fill(model, state, root)
+    names = info.layout.names
+    changed = [name for name in quantized
+               if not requantizes_exactly(state[f"{name}.weight"], state[f"{name}.weight_amax"],
+                                          tensors[f"{name}.{names.packed}"], tensors[f"{name}.{names.block_scales}"])]
+    if changed:
+        logger.warning("%d layers re-quantize to different codes than stored (blocks with subnormal FP8 scales), "
+                       "first %s; their forward differs from the export", len(changed), changed[0])
+    tokenizer = load_tokenizer(root)
+    model.to(torch.device(device)).eval().requires_grad_(False)
+    return model, tokenizer

@@ -1,0 +1,79 @@
+"""Checking an export against the student it was written from, the way serving stacks read it
+(`verify_export`)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ckaqad.errors import ExportError
+from ckaqad.export.compress import check_nvfp4_student
+from ckaqad.export.reader import inspect_export, load_export, read_tensors
+from ckaqad.formats import nvfp4
+from ckaqad.formats.e2m1 import e2m1_grid
+from ckaqad.quant.apply import cached_quantized_weights, quant_linears
+
+
+def _agrees(dense: torch.Tensor, reference: torch.Tensor, exact: bool) -> bool:
+    """Equal (`exact`), else every element equal to the reference or its float neighbour in dense's dtype."""
+    if exact:
+        return torch.equal(dense, reference)
+    reference = reference.to(dense.dtype)
+    return bool(((dense == reference) | (torch.nextafter(dense, reference) == reference)).all())
+
+
+def verify_export(export_dir: str | os.PathLike, student: nn.Module) -> dict:
+    """Read an export back the way serving stacks do and compare it with the student it was written from.
+
+    For every quantized layer: the codes (through compressed-tensors' own FP4 unpacker) and FP8 block scales
+    must equal those of the student's weights, and the weight the layout's serving reader dequantizes
+    (compressed-tensors' `NVFP4PackedCompressor`, what transformers and llm-compressor call: within one ulp
+    of its dtype; ModelOpt's `code · s8 · g`: exact) must match the student's fake-quantized weight. Then
+    `load_export` must give back the student's quantized weights bit for bit. Returns the counts and worst
+    differences; ExportError if any check fails.
+    """
+    from compressed_tensors.compressors.nvfp4 import unpack_fp4_from_uint8
+
+    info = inspect_export(export_dir)
+    tensors = read_tensors(info.weight_files)
+    layers = check_nvfp4_student(student)
+    layout, names = info.layout, info.layout.names
+    qconfig = info.config.get("quantization_config") or {}
+    grid = e2m1_grid()
+    worst_rel, failures, reader_dtype = 0.0, [], ""
+    reloaded, _ = load_export(info.root)
+    reloaded_layers = quant_linears(reloaded)
+    with cached_quantized_weights(student, reloaded):
+        for name, m in layers.items():
+            local = {k: tensors[f"{name}.{k}"] for k in names.of(info.w4a4) if f"{name}.{k}" in tensors}
+            if any(f"{name}.{k}" not in tensors for k in names.of(False)):
+                failures.append(f"{name}: missing tensors")
+                continue
+            want = nvfp4.quantize(m.weight.detach().float().cpu(), m.weight_global_amax().cpu())
+            values = unpack_fp4_from_uint8(local[names.packed], m.out_features, m.in_features, dtype=torch.float32)
+            if not torch.equal(values, grid[want.codes.long()]):
+                failures.append(f"{name}: codes differ")
+            if not torch.equal(local[names.block_scales].view(torch.uint8), want.block_scales.view(torch.uint8)):
+                failures.append(f"{name}: block scales differ")
+            student_weight = m.quantized_weight().detach().float().cpu()
+            dense = layout.serving_weight(local, qconfig)
+            reader_dtype = str(dense.dtype).removeprefix("torch.")
+            if not _agrees(dense, student_weight, layout.serving_exact):
+                failures.append(f"{name}: {layout.serving_reader} dequantizes "
+                                + ("a different weight" if layout.serving_exact else f"beyond one {reader_dtype} ulp"))
+            nonzero = student_weight != 0
+            rel = (dense.float() - student_weight).abs()[nonzero] / student_weight.abs()[nonzero]
+            worst_rel = max(worst_rel, float(rel.max()) if rel.numel() else 0.0)
+        exact = sum(name in reloaded_layers and torch.equal(reloaded_layers[name].quantized_weight().cpu(),
+                                                            m.quantized_weight().detach().float().cpu())
+                    for name, m in layers.items())
+    if exact != len(layers):
+        failures.append(f"load: {len(layers) - exact} layers' quantized weights differ from the student's")
+    if failures:
+        raise ExportError(f"{info.root} does not match the student: {'; '.join(failures[:3])}")
+    return {"layers": len(layers), "codes_and_block_scales_equal": len(layers),
+            "reader": layout.serving_reader,
+            "reader_agreement": "exact" if layout.serving_exact else f"within one {reader_dtype} ulp",
+            "max_relative_weight_difference": worst_rel, "load_bit_exact_layers": exact}

@@ -1,0 +1,1 @@
+"""Models: loading (`load`) and the structure adapters (`arch`)."""

@@ -1,0 +1,2 @@
+"""Training objectives: `base` (the protocol, LossParts, the registry), `kl`, `cka`, `ce`, and `compose`
+(`--loss kl+cka` as a weighted sum of registered terms)."""

@@ -1,0 +1,60 @@
+"""The CKA regularizer of CKA-QAD (METHOD.md §5): mean over the chosen layer pairs of 1 − linear CKA between
+student and teacher hidden states at the sampled token rows, in FP32 with autocast off (bf16 Gram products
+lose the 1e-3 differences CKA-QAD cares about)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ckaqad.cka import linear_cka
+from ckaqad.errors import ConfigError
+from ckaqad.objectives.base import ForwardOutputs, register_objective
+
+
+def cka_term(student_states: dict[int, torch.Tensor], teacher_states: dict[int, torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean_l (1 − CKA_l), the (L,) tensor of each pair's CKA) over the keys of `student_states`."""
+    if not student_states:
+        raise ConfigError("the CKA term needs at least one layer")
+    device_type = next(iter(student_states.values())).device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        values = torch.stack([linear_cka(x.float(), teacher_states[key].float())
+                              for key, x in student_states.items()])
+    return (1.0 - values).mean(), values.detach()
+
+
+@dataclass
+class CKAConfig:
+    cka_weight: str = "auto"
+    """λ: a number, or auto (λ = α·KL/CKA each step, detached)"""
+    cka_alpha: float = 1.0
+    """α of the auto weight: the CKA term's share of the KL term"""
+
+    def __post_init__(self) -> None:
+        if self.cka_weight != "auto":
+            try:
+                weight = float(self.cka_weight)
+            except ValueError as exc:
+                raise ConfigError(f"--cka-weight must be 'auto' or a number, got {self.cka_weight!r}") from exc
+            if weight < 0:
+                raise ConfigError(f"--cka-weight must be non-negative, got {weight}")
+            self.cka_weight = str(weight)
+        if self.cka_alpha < 0:
+            raise ConfigError(f"--cka-alpha must be non-negative, got {self.cka_alpha}")
+
+
+@register_objective("cka", CKAConfig)
+class CKAObjective:
+    """mean_l (1 − CKA_l) over the captured layer pairs; `last_layers` keeps each pair's CKA."""
+
+    needs_states = True
+
+    def __init__(self, config: CKAConfig) -> None:
+        self.config = config
+        self.last_layers: torch.Tensor | None = None
+
+    def __call__(self, out: ForwardOutputs) -> torch.Tensor:
+        term, self.last_layers = cka_term(out.student_states, out.teacher_states)
+        return term

@@ -1,0 +1,166 @@
+"""The fake-quantized Linear layer and its config: `QuantConfig`, `QuantLinear`, fused `SiblingGroup`s.
+
+Scales (METHOD.md §2): weight block scales are recomputed from the current weight every forward; the
+weight global scale is recomputed too (`weight_global="dynamic"`, torchao's choice) or frozen after
+calibration (`"frozen"`, ModelOpt's). Activation global scales come from max-calibration on a few batches
+and are then frozen. Fused siblings (q/k/v, gate/up) share one weight and one input global scale, because
+vLLM fuses them into one GEMM with one scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ckaqad.errors import ConfigError
+from ckaqad.formats import CALIBRATED_FORMATS, FORMATS, get_format
+from ckaqad.registry import unknown_name
+
+# scheme -> quantize activations (inputs of Linear layers)?  Weights are always quantized.
+SCHEMES: dict[str, bool] = {"w4a16": False, "w4a4": True}
+WEIGHT_GLOBAL_MODES = ("dynamic", "frozen")
+# Modules left in high precision by default: the output head and MoE routers (embeddings and norms are
+# not Linear layers, so they are never swapped).
+DEFAULT_EXCLUDE = ("lm_head", "*.router", "*.gate")
+# Linear layers that serving engines fuse into one GEMM; they must share global scales.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+@dataclass
+class QuantConfig:
+    format: str = "nvfp4"
+    """number format of the student: nvfp4, mxfp4 or int4"""
+    scheme: str = "w4a4"
+    """w4a4 quantizes weights and Linear inputs; w4a16 only weights"""
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    """fnmatch patterns of module names kept in high precision"""
+    calib_batches: int = 4
+    """batches of max-calibration for activation global scales"""
+    calib_batch_size: int = 4
+    """training blocks per calibration batch (calibration sees the first calib_batches x this many)"""
+    weight_global: str = "dynamic"
+    """weight global scale: dynamic (recomputed each forward) or frozen (fixed at calibration)"""
+    clip_gradient: bool = False
+    """zero the straight-through gradient where |x| exceeds the global amax"""
+
+    def __post_init__(self) -> None:
+        FORMATS.check(self.format)
+        if self.scheme not in SCHEMES:
+            raise unknown_name("scheme (--scheme)", self.scheme, SCHEMES)
+        if self.weight_global not in WEIGHT_GLOBAL_MODES:
+            raise unknown_name("weight global mode (--weight-global)", self.weight_global, WEIGHT_GLOBAL_MODES)
+        if self.calib_batches < 1 or self.calib_batch_size < 1:
+            raise ConfigError("--calib-batches and --calib-batch-size must be at least 1")
+        self.exclude = tuple(self.exclude)
+
+    @property
+    def quantize_inputs(self) -> bool:
+        return SCHEMES[self.scheme]
+
+    @property
+    def block_size(self) -> int:
+        return get_format(self.format).BLOCK_SIZE
+
+
+class SiblingGroup:
+    """Fused siblings sharing global scales. Not a Module, so its members are not registered twice."""
+
+    def __init__(self, members: list[QuantLinear]) -> None:
+        self.members = members
+        # q/k/v (gate/up) receive the same input tensor: quantize it once per forward.
+        self.last_input: tuple[torch.Tensor, torch.Tensor] | None = None
+        for member in members:
+            member.group = self
+
+    def weight_amax(self) -> torch.Tensor:
+        # Recomputed on every call, not cached on tensor versions: FSDP2's all-gather refills the same storage
+        # and preserves version counters, so such a cache goes stale silently. It reads the group's weights
+        # once, which is small next to fake-quantizing them.
+        return torch.stack([m.weight.detach().abs().amax().float() for m in self.members]).amax()
+
+    def share_input_amax(self) -> None:
+        amax = torch.stack([m.input_amax for m in self.members]).amax()
+        for member in self.members:
+            member.input_amax.fill_(amax)
+
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight (and, for W4A4, input) is fake-quantized in the forward pass.
+
+    Shares the wrapped Linear's parameters. Buffers: `input_amax` (calibrated, W4A4 with a calibrated
+    format) and `weight_amax` (the weight global amax: used by the forward with `weight_global="frozen"`,
+    written by `freeze_scales` before an export otherwise).
+
+    With grad enabled the weight is fake-quantized every forward. `hold_quantized_weight()` computes it once
+    and keeps it until `release_quantized_weight()` (`apply.cached_quantized_weights` does both around an
+    evaluation): an explicit cache, since no automatic key on the weight is safe under FSDP2.
+    """
+
+    def __init__(self, linear: nn.Linear, config: QuantConfig) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.format_name = config.format
+        self.quantize_input = config.quantize_inputs
+        self.frozen_weight_global = config.weight_global == "frozen"
+        self.clip_gradient = config.clip_gradient
+        self.config = config
+        self.calibrating = False
+        self.group: SiblingGroup | None = None
+        self._held_weight: torch.Tensor | None = None
+        self.register_buffer("input_amax", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("weight_amax", torch.zeros((), dtype=torch.float32))
+
+    @property
+    def uses_global_scale(self) -> bool:
+        return self.format_name in CALIBRATED_FORMATS
+
+    def weight_global_amax(self) -> torch.Tensor | None:
+        """The amax the weight's global scale is taken from (group-wide for fused siblings)."""
+        if not self.uses_global_scale:
+            return None
+        if self.frozen_weight_global:
+            return self.weight_amax
+        if self.group is not None:
+            return self.group.weight_amax()
+        return self.weight.detach().abs().amax().float()
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self._held_weight is not None:
+            return self._held_weight
+        return get_format(self.format_name).fake_quantize(self.weight, self.weight_global_amax(), self.clip_gradient)
+
+    @torch.no_grad()
+    def hold_quantized_weight(self) -> None:
+        self._held_weight = get_format(self.format_name).fake_quantize(
+            self.weight.detach(), self.weight_global_amax(), self.clip_gradient)
+
+    def release_quantized_weight(self) -> None:
+        self._held_weight = None
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantize_input:
+            return x
+        if self.calibrating:
+            # Observe, do not quantize: every layer calibrates on the teacher-like activations (ModelOpt).
+            self.input_amax.copy_(torch.maximum(self.input_amax, x.detach().abs().amax().float()))
+            return x
+        group = self.group
+        if group is not None and group.last_input is not None and group.last_input[0] is x:
+            return group.last_input[1]
+        amax = self.input_amax if self.uses_global_scale else None
+        out = get_format(self.format_name).fake_quantize(x, amax, self.clip_gradient)
+        if group is not None:
+            group.last_input = (x, out)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantized_input(x), self.quantized_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        mode = "w4a4" if self.quantize_input else "w4a16"
+        return f"in={self.in_features}, out={self.out_features}, format={self.format_name}, {mode}"

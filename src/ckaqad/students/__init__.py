@@ -1,0 +1,1 @@
+"""Students: `spec` (the kinds a student can be made from: ptq, load), `store` (student directories)."""

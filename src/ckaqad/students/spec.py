@@ -1,0 +1,102 @@
+"""Where a student comes from (`--student SPEC`), one kind per registered name.
+
+- `ptq`: the teacher copied in float32, its Linear layers fake-quantized (`QuantConfig`) and calibrated on
+  the first `calib_batches × calib_batch_size` training blocks — the one place a PTQ student is built;
+  distill, diagnose, export and the demo all call `build_ptq_student`.
+- a path (the `load` kind): an HF model directory (a pruned or fine-tuned model, loaded as it is), a
+  student directory, a run (its final student, else its newest checkpoint) or an NVFP4 export; quantized or
+  not, of its own depth and width. Only the vocabulary must match the teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ckaqad.data.blocks import TokenBlocks, eval_batches
+from ckaqad.errors import CheckpointError, ConfigError
+from ckaqad.export.reader import load_export
+from ckaqad.models.load import load_model
+from ckaqad.paths import RunDir, StudentDir, detect
+from ckaqad.quant.apply import QuantReport, calibrate, quantize_model_
+from ckaqad.quant.linear import QuantConfig
+from ckaqad.registry import Registry
+from ckaqad.students.store import check_vocabulary, load_student_dir
+
+STUDENT_KINDS: Registry[str] = Registry("student kind", flag="--student")
+STUDENT_KINDS.register("ptq", "the teacher's calibrated fake-quant copy (QuantConfig)")
+STUDENT_KINDS.register("load", "an HF model, student, run or export directory")
+
+
+def calibration_batches(blocks: TokenBlocks, quant: QuantConfig, device) -> Iterator[dict[str, torch.Tensor]]:
+    """The calibration data of every PTQ student: the first `calib_batches` batches of `calib_batch_size`
+    training blocks."""
+    return eval_batches(blocks.train, quant.calib_batch_size, device,
+                        limit=quant.calib_batches * quant.calib_batch_size)
+
+
+def build_ptq_student(teacher: nn.Module, quant: QuantConfig, blocks: TokenBlocks | None
+                      ) -> tuple[nn.Module, QuantReport]:
+    """A float32 copy of `teacher` with fake-quantized Linear layers, calibrated on `blocks` (teacher
+    untouched). Gradients are on and the model is in eval mode; W4A16 needs no data (`blocks` may be None).
+
+    float32 master weights: QAD learning rates (1e-5..1e-6) vanish under bf16 rounding; the forward runs
+    under autocast on GPU.
+    """
+    student = copy.deepcopy(teacher).float()
+    report = quantize_model_(student, quant)
+    if not report.quantized:
+        raise ConfigError(f"no Linear layer of this model can be quantized with {quant.format}: "
+                          f"{next(iter(report.excluded.values()), 'none found')}")
+    device = next(teacher.parameters()).device
+    if quant.quantize_inputs:
+        if blocks is None:
+            raise ConfigError("a W4A4 student needs calibration data")
+        calibrate(student, calibration_batches(blocks, quant, device))
+    else:
+        calibrate(student, iter(()))  # freezes weight amaxes where configured; no activations to observe
+    student.train(False).requires_grad_(True)
+    return student, report
+
+
+@dataclass
+class LoadedStudent:
+    model: nn.Module
+    label: str
+    kind: str  # export | student | model
+    source: Path
+    meta: dict
+
+
+def load_student(spec: str | Path, teacher: nn.Module | None = None,
+                 device: torch.device | str | None = None) -> LoadedStudent:
+    """A student from a path (the `load` kind), checked against `teacher`'s vocabulary when given."""
+    path = Path(spec).expanduser()
+    device = device if device is not None else (next(teacher.parameters()).device if teacher is not None else "cpu")
+    kind = detect(path)
+    if kind == "missing" or not path.is_dir():
+        raise CheckpointError(f"student path is not a directory: {spec}")
+    if kind == "export":
+        model, _ = load_export(path, device=device)
+        loaded = LoadedStudent(model, f"export:{path.name}", "export", path, {"source": str(path), "kind": "export"})
+    elif kind in ("student", "run"):
+        student_dir = StudentDir(path) if kind == "student" else RunDir(path).final_or_latest_student()
+        if student_dir is None:
+            raise CheckpointError(f"{spec} has no student checkpoint (no student/ and no complete checkpoint)")
+        model, meta = load_student_dir(student_dir.root, device)
+        loaded = LoadedStudent(model, meta.get("label", path.name), "student", student_dir.root,
+                               {"source": str(student_dir.root), "kind": "student", **meta})
+    elif kind == "model":
+        hf = load_model(path, device=device, dtype=torch.float32)
+        loaded = LoadedStudent(hf.model, path.name, "model", path, {"source": str(path), "kind": "model"})
+    else:
+        raise CheckpointError(f"{spec} is not a run, student, export or HF model directory (no ckaqad_student.json, "
+                              "no checkpoints, no config.json)")
+    if teacher is not None:
+        check_vocabulary(loaded.model, teacher, path)
+    return loaded

@@ -1,0 +1,1 @@
+"""Training: the objective-agnostic loop (`trainer`), checkpoints (`checkpointer`), `metrics`, `schedule`."""

@@ -1,0 +1,308 @@
+"""The training loop, objective-agnostic: a student learns from a frozen teacher under any `Composite`
+objective (KL-only QAD, CKA-QAD, self-distillation recovery, ...).
+
+It reads top to bottom: (resume) → per step: batches → teacher and student forward → objective → backward →
+finite check → optimizer step → checkpoint → eval → log. Teacher hidden states are gathered at the sampled
+rows inside its forward (`capture.LayerCapture`), so the CKA term costs almost no memory. Loss terms stay
+tensors until the end of a step, when one host transfer carries every logged number and the finite check.
+Evaluation is a callback (`Trainee.evaluate`), so the loop needs nothing from `eval/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ckaqad.capture import LayerCapture, LayerMap, select_rows, valid_token_mask
+from ckaqad.data.blocks import TokenBlocks, train_batches
+from ckaqad.errors import ConfigError, TrainingError
+from ckaqad.objectives.base import ForwardOutputs, LossParts
+from ckaqad.objectives.compose import TERM_FIELDS, Composite
+from ckaqad.paths import RunDir
+from ckaqad.train.checkpointer import CheckpointConfig, CheckpointManager
+from ckaqad.train.metrics import MetricsLog
+from ckaqad.train.schedule import warmup_cosine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """optimizer steps"""
+    lr: float = 1e-5
+    """peak learning rate (QAD report: ~1e-5 for RL-post-trained models, ~1e-6 for SFT-heavy ones)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_steps: int = 5
+    """linear warmup steps before the cosine decay"""
+    min_lr_ratio: float = 0.1
+    """final learning rate as a fraction of the peak"""
+    batch_size: int = 8
+    """blocks per micro-batch (the default 8 x 256 tokens leaves room for the default 1024 CKA rows)"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm (0 disables)"""
+    cka_tokens: int = 1024
+    """token rows sampled per micro-batch for the CKA term (sinks and padding excluded)"""
+    n_sink: int = 1
+    """leading positions of each sequence excluded from CKA (attention sinks)"""
+    eval_every: int = 50
+    """held-out evaluation every N steps (0: only at the end)"""
+    eval_blocks: int = 16
+    """held-out blocks per evaluation"""
+    seed: int = 0
+    """random seed (data order, token sampling)"""
+    max_bad_steps: int = 5
+    """stop after this many consecutive steps with a non-finite loss"""
+    progress: bool = True
+    """show a progress bar"""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {self.steps}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        for name in ("batch_size", "grad_accum", "cka_tokens", "eval_blocks", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.n_sink < 0:
+            raise ConfigError("--warmup-steps, --eval-every and --n-sink must be >= 0")
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    kl: float | None
+    cka_term: float | None
+    cka_weight: float
+    lr: float
+    grad_norm: float
+    cka_layers: dict[int, float] = field(default_factory=dict)
+    ce: float | None = None
+    step_time_s: float = 0.0
+    tokens_per_s: float = 0.0
+    peak_memory_mb: float = 0.0
+    skipped: bool = False
+
+
+@dataclass
+class Trainee:
+    """Everything the loop needs, built by the command: models, data, objective, optimizer, where to write."""
+
+    config: TrainConfig
+    teacher: nn.Module
+    student: nn.Module
+    tokenizer: object
+    blocks: TokenBlocks
+    layer_map: LayerMap
+    objective: Composite
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    checkpoint: CheckpointConfig
+    run: RunDir
+    evaluate: Callable[[], dict]
+    """held-out evaluation of the student (the command passes eval/fidelity); returns a flat dict"""
+    start_step: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+
+def make_optimizer(student: nn.Module, config: TrainConfig
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW (β 0.9, 0.95; fused on CUDA) over the trainable parameters, with the warmup-cosine schedule."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    device = next(student.parameters()).device
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(config.steps, config.warmup_steps, config.min_lr_ratio))
+    return optimizer, scheduler
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (the teacher's deployment precision), plain FP32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# -------------------------------------------------------------------------------------------- one step
+
+
+@dataclass
+class Captures:
+    """The hooks that keep hidden states at the sampled rows (None when the objective needs no states)."""
+
+    teacher: LayerCapture | None
+    student: LayerCapture | None
+    layer_map: LayerMap
+
+    def set_rows(self, rows: torch.Tensor) -> None:
+        for capture in (self.teacher, self.student):
+            if capture is not None:
+                capture.rows = rows
+
+    def paired_states(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """{pair index: states} of student and teacher, in the layer map's order."""
+        if self.student is None:
+            return {}, {}
+        s, t = self.student.take(), self.teacher.take()
+        pairs = self.layer_map.pairs
+        return {k: s[i] for k, (i, _) in enumerate(pairs)}, {k: t[j] for k, (_, j) in enumerate(pairs)}
+
+    def remove(self) -> None:
+        for capture in (self.teacher, self.student):
+            if capture is not None:
+                capture.remove()
+
+
+def micro_step(trainee: Trainee, batch: dict, rows: torch.Tensor, captures: Captures) -> LossParts:
+    """Forward both models on one micro-batch and evaluate the objective (tensors only)."""
+    captures.set_rows(rows)
+    with torch.no_grad(), autocast(trainee.device):
+        t_logits = trainee.teacher(**batch).logits
+    with autocast(trainee.device):
+        s_logits = trainee.student(**batch).logits
+    s_states, t_states = captures.paired_states()
+    return trainee.objective(ForwardOutputs(s_logits, t_logits, batch, s_states, t_states))
+
+
+def sample_rows(trainee: Trainee, batch: dict, step: int, micro: int) -> torch.Tensor:
+    """The CKA token rows of one micro-batch: a pure function of (seed, step, micro) so resumes agree."""
+    cfg = trainee.config
+    mask = valid_token_mask(batch["input_ids"], batch.get("attention_mask"), cfg.n_sink,
+                            tuple(i for i in (trainee.tokenizer.bos_token_id,) if i is not None))
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
+    return select_rows(mask, cfg.cka_tokens, generator)
+
+
+def _scalar(value: torch.Tensor | float | None, device: torch.device) -> torch.Tensor:
+    if value is None:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.as_tensor(value, dtype=torch.float32).to(device).reshape(())
+
+
+def train_step(trainee: Trainee, step: int, data_iter: Iterator[dict], captures: Captures) -> StepRecord:
+    cfg, device = trainee.config, trainee.device
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    micro_parts: list[LossParts] = []
+    tokens = 0
+    for micro in range(cfg.grad_accum):
+        batch = next(data_iter)
+        tokens += batch["input_ids"].numel()
+        parts = micro_step(trainee, batch, sample_rows(trainee, batch, step, micro), captures)
+        # A non-finite loss gives non-finite gradients; the single check below skips the update.
+        (parts.loss / cfg.grad_accum).backward()
+        micro_parts.append(parts)
+    params = [p for p in trainee.student.parameters() if p.grad is not None]
+    if cfg.max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    # The one host transfer of the step: every logged scalar and the finite check.
+    terms = ("loss", *TERM_FIELDS.values())
+    scalars = torch.stack([_scalar(getattr(p, name), device) for p in micro_parts for name in terms]
+                          + [_scalar(grad_norm, device), _scalar(micro_parts[-1].cka_weight, device)]).tolist()
+    layers = [p.cka_layers for p in micro_parts if p.cka_layers is not None]
+    layer_values = torch.stack(layers).to(torch.float64).tolist() if layers else []
+    per_micro = [dict(zip(terms, scalars[i * len(terms):(i + 1) * len(terms)], strict=True))
+                 for i in range(len(micro_parts))]
+    grad_norm_value, lam = scalars[-2], scalars[-1]
+    totals = {name: sum(m[name] / cfg.grad_accum for m in per_micro) for name in terms}
+    finite = all(map(_isfinite, [m["loss"] for m in per_micro] + [grad_norm_value]))
+    lr = trainee.scheduler.get_last_lr()[0]
+    if finite:
+        trainee.optimizer.step()
+    trainee.optimizer.zero_grad(set_to_none=True)
+    trainee.scheduler.step()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    layer_sums: dict[int, float] = {}
+    for row in layer_values:
+        for (s_index, _), value in zip(trainee.layer_map.pairs, row, strict=True):
+            layer_sums[s_index] = layer_sums.get(s_index, 0.0) + value / cfg.grad_accum
+    present = {name: getattr(micro_parts[0], name) is not None for name in terms}
+    return StepRecord(
+        step=step + 1, loss=totals["loss"] if finite else float("nan"),
+        kl=totals["kl"] if present["kl"] else None, cka_term=totals["cka_term"] if present["cka_term"] else None,
+        cka_weight=lam, lr=lr, grad_norm=grad_norm_value if finite else float("nan"), cka_layers=layer_sums,
+        ce=totals["ce"] if present["ce"] else None, step_time_s=elapsed, tokens_per_s=tokens / elapsed,
+        peak_memory_mb=peak, skipped=not finite)
+
+
+def _isfinite(value: float) -> bool:
+    return value == value and value not in (float("inf"), float("-inf"))
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def make_captures(trainee: Trainee) -> Captures:
+    if not trainee.objective.needs_states:
+        return Captures(None, None, trainee.layer_map)
+    return Captures(LayerCapture(trainee.teacher, trainee.layer_map.teacher_layers, detach=True),
+                    LayerCapture(trainee.student, trainee.layer_map.student_layers), trainee.layer_map)
+
+
+def evaluate(trainee: Trainee) -> dict:
+    """The held-out evaluation callback, with the student in eval mode for its duration."""
+    was_training = trainee.student.training
+    trainee.student.eval()
+    try:
+        return trainee.evaluate()
+    finally:
+        trainee.student.train(was_training)
+
+
+def train(trainee: Trainee) -> dict:
+    """Run the loop from `trainee.start_step` to `config.steps`; return the final evaluation record."""
+    from tqdm.auto import tqdm
+
+    cfg = trainee.config
+    log = MetricsLog(trainee.run, trainee.start_step)
+    manager = CheckpointManager(trainee.run.root, trainee.checkpoint)
+    captures = make_captures(trainee)
+    data_iter = train_batches(trainee.blocks.train, cfg.batch_size, cfg.seed, start=trainee.start_step * cfg.grad_accum,
+                              device=trainee.device)
+    trainee.student.train()
+    bad_in_a_row = 0
+    bar = tqdm(range(trainee.start_step, cfg.steps), initial=trainee.start_step, total=cfg.steps,
+               desc=trainee.objective.config.loss, disable=not cfg.progress, unit="step")
+    try:
+        for step in bar:
+            record = train_step(trainee, step, data_iter, captures)
+            bad_in_a_row = bad_in_a_row + 1 if record.skipped else 0
+            log.write({"kind": "train", **asdict(record)})
+            if bad_in_a_row >= cfg.max_bad_steps:
+                raise TrainingError(f"the loss was not finite for {bad_in_a_row} steps in a row (step {record.step}); "
+                                    "lower --lr or check the data")
+            bar.set_postfix(_postfix(record))
+            if manager.should_save(record.step, cfg.steps):
+                manager.save(record.step, trainee.student, trainee.optimizer, trainee.scheduler)
+            if cfg.eval_every and record.step % cfg.eval_every == 0 and record.step != cfg.steps:
+                log.write({"kind": "eval", "step": record.step, **evaluate(trainee)})
+        final = {"kind": "eval", "step": cfg.steps, **evaluate(trainee)}
+        log.write(final)
+    finally:
+        captures.remove()
+        log.close()
+    return final
+
+
+def _postfix(record: StepRecord) -> dict:
+    post = {"loss": f"{record.loss:.4f}", "tok/s": f"{record.tokens_per_s:.0f}"}
+    if record.kl is not None:
+        post["kl"] = f"{record.kl:.4f}"
+    if record.cka_term is not None:
+        post["1-cka"] = f"{record.cka_term:.4f}"
+    return post
