@@ -76,7 +76,7 @@ def build(shape: ModelShape, device: torch.device, loss: str, scheme: str):
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     calibrate(student, [batch])
-    student.train()
+    student.train().requires_grad_(True)
     train_cfg = TrainConfig(steps=1000, batch_size=shape.batch, cka_tokens=shape.cka_tokens, progress=False)
     optimizer, scheduler = make_optimizer(student, train_cfg)
 

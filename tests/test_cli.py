@@ -1,85 +1,105 @@
-"""tests for ckaqad/cli.py: flags mirror the config dataclasses, `--config` YAML, and one-line errors (exit 2)."""
+"""tests for ckaqad/cli.py: flags mirror the commands' Config dataclasses (nested fields flattened), `--config`
+YAML, `--resume` over the run's saved config, the documented command lines, and one-line errors (exit 2)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
 import inspect
 import os
 import re
+import shlex
 import stat
 import subprocess
 import sys
+import types
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
+import yaml
 
-from ckaqad import cli, distill, evaluate
-from ckaqad.checkpoint import CheckpointConfig
-from ckaqad.data import DataConfig
-from ckaqad.demo import DemoConfig
-from ckaqad.diagnose import DiagnoseConfig
-from ckaqad.distill import DistillConfig
-from ckaqad.evaluate import CompareConfig, EvalConfig
-from ckaqad.export import ExportConfig
-from ckaqad.losses import LossConfig
-from ckaqad.quantize import QuantConfig
+from ckaqad import __version__, cli
+from ckaqad.commands import COMMANDS
+from ckaqad.errors import ConfigError, ModelError
+from ckaqad.registry import Registry
 
-# The spec: which dataclasses each subcommand is built from, and the fields it does not expose.
-COMMANDS = {
-    "diagnose": (DiagnoseConfig, QuantConfig, DataConfig),
-    "distill": (DistillConfig, LossConfig, QuantConfig, DataConfig, CheckpointConfig),
-    "demo": (DemoConfig,),
-    "export": (ExportConfig,),
-    "eval": (EvalConfig,),
-    "compare": (CompareConfig,),
-}
-# diagnose takes comma-separated --format/--scheme lists (DiagnoseConfig's), one PTQ student per pair.
-SKIPS = {("diagnose", QuantConfig): {"format", "scheme"}}
-POSITIONALS = {"compare": ["dirs"]}
+ROOT = Path(__file__).resolve().parents[1]
+# The spec: every command of `ckaqad`, in the order `ckaqad --help` lists them.
+COMMAND_NAMES = ["diagnose", "distill", "demo", "eval", "compare", "export"]
+# Flags each command's Config needs before it validates (exactly one export source, at least one compare dir).
+REQUIRED = {"export": ["--ptq"], "compare": ["somewhere"]}
 
 FIELD_DOC = re.compile(r'^    (\w+): [^\n]*\n    """([^\n]*)"""$', re.M)
 
 
 def documented_fields(cls: type) -> dict[str, str]:
-    """{field: docstring} read from the class source, independently of cli.field_docs."""
+    """{field: docstring} read from the class source, independently of tyro's docstring reader."""
     return dict(FIELD_DOC.findall(inspect.getsource(cls)))
 
 
-def exposed_fields(command: str) -> list[tuple[type, dataclasses.Field]]:
-    return [(cls, f) for cls in COMMANDS[command] for f in dataclasses.fields(cls)
-            if f.name not in SKIPS.get((command, cls), set())]
+def leaf_fields(cls: type) -> list[tuple[type, dataclasses.Field]]:
+    """(owning dataclass, field) of every leaf field, nested dataclasses flattened in order."""
+    out = []
+    for f in dataclasses.fields(cls):
+        default = default_of(f)
+        if dataclasses.is_dataclass(default):
+            out += leaf_fields(type(default))
+        else:
+            out.append((cls, f))
+    return out
 
 
 def default_of(f: dataclasses.Field):
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
 
 
-@functools.cache
-def parser() -> argparse.ArgumentParser:
-    """Built once: building imports every command's module and reads the dataclass sources."""
-    return cli.build_parser()
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def subparsers() -> dict[str, argparse.ArgumentParser]:
-    action = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
+def help_text(capsys, monkeypatch, argv: list[str]) -> str:
+    monkeypatch.setenv("COLUMNS", "100")  # one column of boxes, as in a usual terminal
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    return out
 
 
-def option_actions(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """{first option string: action} for every option but --help and --config."""
-    return {a.option_strings[0]: a for a in sub._actions
-            if a.option_strings and a.option_strings[0] not in ("-h", "--config")}
+def help_entries(text: str) -> dict[str, str]:
+    """{first flag, or positional name: help} from tyro's --help boxes (utf-8 `│ ... │` or ascii `  ...` lines),
+    wrapped help lines joined."""
+    entries: dict[str, str] = {}
+    current = None
+    for raw in text.splitlines():
+        match = re.match(r"│ (.*?)\s*│$", raw) or re.match(r"  (.*?)\s*$", raw)
+        if not match or not match.group(1):
+            current = None
+            continue
+        inner = match.group(1)
+        if not inner.startswith(" "):
+            invocation, *rest = re.split(r"\s{2,}", inner, maxsplit=1)
+            first = invocation.split()[0]
+            if not re.fullmatch(r"--?[A-Za-z][\w-]*,?|\[?[A-Z][A-Z_]*\]?", first):  # a group's description or a rule
+                current = None
+                continue
+            current = first.rstrip(",").strip("[]").lower()
+            entries[current] = " ".join(rest).strip()
+        elif current is not None:
+            entries[current] = f"{entries[current]} {inner.strip()}".strip()
+    entries.pop("-h", None)
+    return entries
 
 
-def parsed_values(argv: list[str]) -> dict:
-    """What a handler receives for `argv` (flags merged over --config), without running it."""
-    args = parser().parse_args(argv)
-    classes = args.classes
-    del args.classes
-    return cli.merged_values(args, classes)
+def tyro_default_text(value) -> str:
+    """How tyro prints a default in `(default: ...)`."""
+    if isinstance(value, tuple):
+        return " ".join(shlex.quote(str(v)) for v in value)
+    return shlex.quote(value) if isinstance(value, str) else str(value)
 
 
 def cli_error(capsys, argv: list[str]) -> str:
@@ -87,11 +107,18 @@ def cli_error(capsys, argv: list[str]) -> str:
     rc = cli.main(argv)
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "╭" not in err
     assert [line for line in err.splitlines() if line.startswith("ckaqad")] == err.splitlines()[-1:], err
     last = err.splitlines()[-1]  # the message is the last line: nothing of it spills onto further lines
     assert last.startswith("ckaqad: error: "), err
     return last
+
+
+def record_runs(monkeypatch, name: str) -> list:
+    """Replace command `name`'s run with one that records its config; the list of configs it was given."""
+    seen: list = []
+    monkeypatch.setattr(COMMANDS.get(name), "run", seen.append)
+    return seen
 
 
 def nothing_written(parent: Path, keep: set[str]) -> None:
@@ -120,61 +147,109 @@ def teacher_dir(tmp_path_factory):
 
 
 def test_registry_is_the_spec():
-    registry = cli._commands()
-    assert set(subparsers()) == set(COMMANDS) == set(registry)
-    for name, (_, classes, _, *positional) in registry.items():
-        assert [cls for cls, _ in classes] == list(COMMANDS[name])
-        assert {cls: set(skip) for cls, skip in classes if skip} == \
-            {cls: skip for (cmd, cls), skip in SKIPS.items() if cmd == name}
-        assert positional == POSITIONALS.get(name, [])
+    assert COMMANDS.names() == COMMAND_NAMES
+    for name, module in COMMANDS.items():
+        assert module.__name__ == f"ckaqad.commands.{name}"
+        assert isinstance(module.HELP, str) and module.HELP and "\n" not in module.HELP
+        assert dataclasses.is_dataclass(module.Config) and callable(module.run)
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_flags_equal_the_dataclass_fields(command):
-    sub = subparsers()[command]
-    names = [f.name for _, f in exposed_fields(command)]
-    assert len(names) == len(set(names)), f"two dataclasses of {command} share a field"
-    actions = option_actions(sub)
-    assert set(actions) == {"--" + n.replace("_", "-") for n in names}
-    assert {a.dest for a in actions.values()} == set(names)
-    assert [a.dest for a in sub._actions if not a.option_strings] == POSITIONALS.get(command, [])
+def test_top_level_help_lists_every_command_and_version(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name, module in COMMANDS.items():
+        assert re.search(rf"^  {name} +{re.escape(module.HELP)}$", out, re.M), name
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"ckaqad {__version__}"
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_help_is_the_field_docstring_and_default(command):
-    actions = {a.dest: a for a in option_actions(subparsers()[command]).values()}
-    for cls, f in exposed_fields(command):
+@pytest.mark.parametrize("command", COMMAND_NAMES)
+def test_command_help_exits_0_on_stdout(capsys, monkeypatch, command):
+    out = help_text(capsys, monkeypatch, [command, "--help"])
+    assert out.startswith(f"usage: ckaqad {command} ")
+    assert COMMANDS.get(command).HELP in out and "--config FILE" in out
+
+
+@pytest.mark.parametrize("command", COMMAND_NAMES)
+def test_flags_equal_the_dataclass_fields(capsys, monkeypatch, command):
+    leaves = [f for _, f in leaf_fields(COMMANDS.get(command).Config)]
+    names = [f.name for f in leaves]
+    assert len(names) == len(set(names)), f"two nested dataclasses of {command} share a field"
+    entries = help_entries(help_text(capsys, monkeypatch, [command, "--help"]))
+    expected = {flag(f.name) if default_of(f) is not dataclasses.MISSING else f.name for f in leaves}
+    assert set(entries) == expected
+
+
+@pytest.mark.parametrize("command", COMMAND_NAMES)
+def test_help_is_the_field_docstring_and_default(capsys, monkeypatch, command):
+    entries = help_entries(help_text(capsys, monkeypatch, [command, "--help"]))
+    for cls, f in leaf_fields(COMMANDS.get(command).Config):
         doc = documented_fields(cls).get(f.name)
         assert doc, f"{cls.__name__}.{f.name} has no docstring"
-        assert actions[f.name].help == f"{doc} (default: {default_of(f)})"
+        default = default_of(f)
+        key = f.name if default is dataclasses.MISSING else flag(f.name)
+        shown = "" if default is dataclasses.MISSING else tyro_default_text(default)
+        # tyro wraps help at spaces and after commas: compare without the whitespace
+        assert re.sub(r"\s", "", entries[key]) == re.sub(r"\s", "", f"{doc} (default: {shown})"), key
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+def get_leaf(config, name: str):
+    """The value of leaf field `name` anywhere in a nested config."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == name and not dataclasses.is_dataclass(value):
+            return value
+        if dataclasses.is_dataclass(value):
+            try:
+                return get_leaf(value, name)
+            except KeyError:
+                pass
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("command", COMMAND_NAMES)
 def test_each_flag_parses_its_default_back_to_the_field_type(command):
-    extra = ["somewhere"] if command == "compare" else []
-    for _, f in exposed_fields(command):
-        default, option = default_of(f), "--" + f.name.replace("_", "-")
+    base = REQUIRED.get(command, [])
+    for _, f in leaf_fields(COMMANDS.get(command).Config):
+        default, option = default_of(f), flag(f.name)
+        if default is dataclasses.MISSING or option in base:
+            continue
         if isinstance(default, bool):
-            assert parsed_values([command, *extra, option])[f.name] is True
-            assert parsed_values([command, *extra, "--no-" + option[2:]])[f.name] is False
+            assert get_leaf(cli.parse(command, [*base, option]), f.name) is True
+            assert get_leaf(cli.parse(command, [*base, "--no-" + option[2:]]), f.name) is False
             continue
         if default is None:
+            assert get_leaf(cli.parse(command, [*base, option, "None"]), f.name) is None
             continue
-        text = ",".join(default) if isinstance(default, tuple) else str(default)
-        value = parsed_values([command, *extra, option, text])[f.name]
+        tokens = [option, *map(str, default)] if isinstance(default, tuple) else [option, str(default)]
+        value = get_leaf(cli.parse(command, [*base, *tokens]), f.name)
         assert value == default and type(value) is type(default), (option, value)
 
 
 def test_optional_int_flag_parses_an_int():
-    assert parsed_values(["eval", "--limit", "3"])["limit"] == 3
-    assert "limit" not in parsed_values(["eval"])  # not given: the dataclass default applies
+    assert cli.parse("eval", ["--limit", "3"]).limit == 3
+    assert cli.parse("eval", []).limit is None  # not given: the dataclass default applies
 
 
 def test_flags_not_given_leave_the_dataclass_defaults(monkeypatch):
-    seen = {}
-    monkeypatch.setattr(distill, "run_distill", lambda *configs: seen.setdefault("configs", configs))
+    seen = record_runs(monkeypatch, "distill")
     assert cli.main(["distill"]) == 0
-    assert seen["configs"] == tuple(cls() for cls in COMMANDS["distill"])
+    assert seen == [COMMANDS.get("distill").Config()]
+
+
+def test_nested_fields_take_flat_flags_and_sequences_take_several_values():
+    config = cli.parse("distill", ["--batch-size", "2", "--temperature", "2", "--cka-alpha", "0.5",
+                                   "--exclude", "lm_head", "*.mlp.*", "--no-progress", "--seq-len", "64"])
+    assert config.train.batch_size == 2 and config.train.progress is False
+    assert config.objective.kl.temperature == 2.0 and config.objective.cka.cka_alpha == 0.5
+    assert config.quant.exclude == ("lm_head", "*.mlp.*") and config.data.seq_len == 64
+    assert cli.parse("distill", ["--batch_size=3"]).train.batch_size == 3  # tyro's spellings, as argparse's
+
+
+def test_positional_arguments_and_flags_in_any_order():
+    compare = COMMANDS.get("compare").Config
+    assert cli.parse("compare", ["a", "b", "--out", "x"]) == compare(dirs=("a", "b"), out="x")
+    assert cli.parse("compare", ["--out", "x", "a", "b"]) == compare(dirs=("a", "b"), out="x")
 
 
 # ------------------------------------------------------------------------------------------- --config
@@ -183,71 +258,230 @@ def test_flags_not_given_leave_the_dataclass_defaults(monkeypatch):
 def test_config_values_are_used_and_flags_win(tmp_path, monkeypatch):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("steps: 7\n"
-                         "lr: 1e-4\n"            # YAML 1.1 reads this as a string; the flag parser makes it a float
+                         "lr: 1e-4\n"            # YAML 1.1 reads this as a string; tyro makes it a float
                          "seq-len: 64\n"         # flag spelling works too
                          "exclude: [lm_head, '*.mlp.*']\n"
                          "loss: kl\n"
                          "progress: false\n"
                          "teacher: from-yaml\n"
-                         "save_every: 3\n")
-    seen = {}
-    monkeypatch.setattr(distill, "run_distill", lambda *configs: seen.setdefault("configs", configs))
+                         "save_every: 3\n"
+                         "kl: {temperature: 2}\n"          # a section named after a nested field
+                         "objective: {cka: {cka_alpha: 0.5}}\n"
+                         "layers: 0,4\n"
+                         "device: null\n")
+    seen = record_runs(monkeypatch, "distill")
     assert cli.main(["distill", "--config", str(yaml_file), "--steps", "9", "--progress",
                      "--teacher", "from-flag"]) == 0
-    run, loss, quant, data, checkpoint = seen["configs"]
-    assert run.steps == 9 and run.progress is True and run.teacher == "from-flag"  # flags win
-    assert run.lr == 1e-4 and isinstance(run.lr, float)
-    assert data.seq_len == 64 and quant.exclude == ("lm_head", "*.mlp.*") and loss.loss == "kl"
-    assert checkpoint.save_every == 3
-    assert run.batch_size == DistillConfig().batch_size  # neither YAML nor flag: the default
+    (config,) = seen
+    assert config.train.steps == 9 and config.train.progress is True and config.teacher == "from-flag"  # flags win
+    assert config.train.lr == 1e-4 and isinstance(config.train.lr, float)
+    assert config.data.seq_len == 64 and config.quant.exclude == ("lm_head", "*.mlp.*")
+    assert config.objective.loss == "kl" and config.objective.kl.temperature == 2.0
+    assert config.objective.cka.cka_alpha == 0.5 and config.checkpoint.save_every == 3
+    assert config.layers == "0,4" and config.device is None
+    assert config.train.batch_size == COMMANDS.get("distill").Config().train.batch_size  # neither: the default
+    assert cli.parse("distill", ["--config", str(yaml_file), "--exclude", "x"]).quant.exclude == ("x",)
+    assert cli.parse("distill", [f"--config={yaml_file}"]).train.steps == 7
 
 
 def test_config_for_eval_and_compare(tmp_path, monkeypatch):
     yaml_file = tmp_path / "eval.yaml"
     yaml_file.write_text("suite: fidelity\nlimit: 2\nout: from-yaml\n")
-    seen = {}
-    monkeypatch.setattr(evaluate, "run_eval", lambda config: seen.setdefault("eval", config))
-    monkeypatch.setattr(evaluate, "run_compare", lambda dirs, config: seen.setdefault("compare", (dirs, config)))
+    seen = record_runs(monkeypatch, "eval")
     assert cli.main(["eval", "--config", str(yaml_file), "--out", "from-flag"]) == 0
-    assert seen["eval"] == EvalConfig(suite="fidelity", limit=2, out="from-flag")
+    assert seen == [COMMANDS.get("eval").Config(suite="fidelity", limit=2, out="from-flag")]
     (tmp_path / "compare.yaml").write_text("out: cmp\n")
+    seen = record_runs(monkeypatch, "compare")
     assert cli.main(["compare", "a", "b", "--config", str(tmp_path / "compare.yaml")]) == 0
-    assert seen["compare"] == (["a", "b"], CompareConfig(out="cmp"))
+    assert seen == [COMMANDS.get("compare").Config(dirs=("a", "b"), out="cmp")]
 
 
 @pytest.mark.parametrize("text, message", [
-    ("stepz: 3\n", "unknown option(s) stepz"),
-    ("steps: [\n", "is not valid YAML"),
+    ("stepz: 3\n", "unknown option(s) stepz (did you mean: steps"),
+    ("steps: [\n", "not valid YAML"),
     ("- steps\n- 3\n", "must hold a mapping"),
-    ("steps: ten\n", "steps must be int, got 'ten'"),
-    ("steps: 2.5\n", "steps must be int"),
-    ("lr: [1]\n", "lr must be float"),
-    ("progress: maybe\n", "progress must be bool"),
+    ("steps: ten\n", "argument --steps: invalid literal for int() with base 10: 'ten'"),
+    ("steps: 2.5\n", "argument --steps"),
+    ("lr: [1]\n", "lr must be float, got [1]"),
+    ("progress: maybe\n", "progress must be bool, got 'maybe'"),
     ("steps: null\n", "steps must be int, got None"),
+    ("teacher: null\n", "teacher must be str, got None"),
+    ("exclude: [[a]]\n", "exclude must be tuple[str, ...]"),
     ("1: 2\n", "unknown option(s) 1"),
+    ("kl: {stepz: 1}\n", "unknown option(s) kl.stepz"),
+    ("kl: {temperature: hot}\n", "argument --temperature"),
+    ("steps: 3\ntrain: {steps: 4}\n", "steps is given twice"),
 ])
 def test_bad_config_file_is_exit_2(tmp_path, capsys, monkeypatch, text, message):
-    monkeypatch.setattr(distill, "run_distill", lambda *configs: pytest.fail("ran despite a bad --config"))
+    monkeypatch.setattr(COMMANDS.get("distill"), "run", lambda config: pytest.fail("ran despite a bad --config"))
     yaml_file = tmp_path / "bad.yaml"
     yaml_file.write_text(text)
     line = cli_error(capsys, ["distill", "--config", str(yaml_file)])
-    assert message in line and str(yaml_file) in line
+    assert line.startswith(f"ckaqad: error: --config {yaml_file}: ") and message in line
+
+
+def test_config_file_cannot_give_positional_arguments(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("dirs: [a]\n")
+    assert "dirs is a positional argument" in cli_error(capsys, ["compare", "x", "--config", str(tmp_path / "c.yaml")])
 
 
 def test_missing_config_file_is_exit_2(tmp_path, capsys):
-    assert "--config file does not exist" in cli_error(capsys, ["distill", "--config", str(tmp_path / "no.yaml")])
+    line = cli_error(capsys, ["distill", "--config", str(tmp_path / "no.yaml")])
+    assert line == f"ckaqad: error: --config {tmp_path / 'no.yaml'}: no such file"
+    assert "--config needs a YAML file" in cli_error(capsys, ["distill", "--config"])
+
+
+# ------------------------------------------------------------------------------------------- --resume
+
+
+def saved_run(tmp_path: Path, **changes) -> tuple[Path, dict]:
+    """A run directory holding the config.yaml distill writes for a run started with non-default flags."""
+    distill = COMMANDS.get("distill")
+    config = cli.parse("distill", ["--teacher", "t0", "--steps", "7", "--lr", "3e-5", "--loss", "kl",
+                                   "--exclude", "lm_head", "--seq-len", "64", "--no-progress"])
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {**distill.flat_fields(config), **changes}
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=True))
+    return run, saved
+
+
+def test_resume_takes_the_runs_saved_config_as_base(tmp_path, monkeypatch):
+    distill = COMMANDS.get("distill")
+    run, saved = saved_run(tmp_path)
+    seen = record_runs(monkeypatch, "distill")
+    assert cli.main(["distill", "--resume", str(run)]) == 0
+    assert distill.flat_fields(seen[-1]) == {**saved, "resume": str(run)}
+    assert cli.main(["distill", "--resume", str(run), "--steps", "9", "--progress"]) == 0
+    assert distill.flat_fields(seen[-1]) == {**saved, "resume": str(run), "steps": 9, "progress": True}
+    assert {"steps", "progress", "resume"} <= distill.RESUME_MAY_CHANGE
+
+
+def test_resume_rejects_a_changed_field_that_may_not_change(tmp_path, capsys):
+    run, _ = saved_run(tmp_path)
+    line = cli_error(capsys, ["distill", "--resume", str(run), "--lr", "1e-4", "--loss", "kl+cka"])
+    assert line.startswith(f"ckaqad: error: --resume {run}: the config differs from the run's")
+    assert "lr: 3e-05 -> 0.0001" in line and "loss: 'kl' -> 'kl+cka'" in line
+    # Fields that may change pass the config check; this run then has no checkpoint to continue from.
+    line = cli_error(capsys, ["distill", "--resume", str(run), "--steps", "9", "--device", "cpu"])
+    assert "the run has no complete checkpoint" in line
+    nothing_written(run, {"config.yaml"})
+
+
+def test_resume_with_a_bad_saved_config(tmp_path, capsys):
+    run, _ = saved_run(tmp_path, stepz=3)
+    line = cli_error(capsys, ["distill", "--resume", str(run)])
+    assert line.startswith(f"ckaqad: error: --resume {run}: {run / 'config.yaml'}: unknown option(s) stepz")
+
+
+# ----------------------------------------------------------------------------- documented command lines
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Documented lines that are templates, not command lines: left out of test_documented_command_line_parses.
+NOT_COMMAND_LINES = {
+    "ckaqad COMMAND --help": "COMMAND stands for any command",
+    "ckaqad eval --model default|HF dir|.gguf|run|student|export": "lists the kinds of --model",
+    "ckaqad compare DIR...": "DIR... stands for result directories",
+}
+
+
+def documented_command_lines() -> list[tuple[str, str]]:
+    """(file:line, command line) of every `ckaqad ...` in a code block or in backticks, shell comments cut."""
+    found = []
+    for path in DOCS:
+        in_block = False
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            where = f"{path.relative_to(ROOT)}:{number}"
+            if line.lstrip().startswith("```"):
+                in_block = not in_block
+                continue
+            pieces = [line.split(" #")[0]] if in_block else re.findall(r"`([^`]*)`", line)
+            for piece in pieces:
+                match = re.search(r"(?:^|\s)(ckaqad\s+\S.*?)\s*$", piece)
+                if match:
+                    found.append((where, match.group(1)))
+    return found
+
+
+def test_documentation_has_command_lines():
+    """The extraction finds the documented command lines, and each template left out is still documented."""
+    lines = [text for _, text in documented_command_lines()]
+    assert len(lines) >= 20 and set(NOT_COMMAND_LINES) <= set(lines)
+    commands = {shlex.split(text)[1] for text in lines if text not in NOT_COMMAND_LINES}
+    assert {"diagnose", "distill", "eval", "compare", "export"} <= commands <= set(COMMAND_NAMES)
+
+
+@pytest.mark.parametrize("where, text", [(w, t) for w, t in documented_command_lines() if t not in NOT_COMMAND_LINES])
+def test_documented_command_line_parses(monkeypatch, where, text):
+    _, command, *argv = shlex.split(text)
+    seen = record_runs(monkeypatch, command)
+    assert cli.main([command, *argv]) == 0, where
+    assert isinstance(seen[0], COMMANDS.get(command).Config)
 
 
 # ------------------------------------------------------------------------------------ bad input: exit 2
 
 
-def test_usage_errors_exit_2_like_argparse(capsys):
-    with pytest.raises(SystemExit) as info:
-        cli.main(["distill", "--steps", "ten"])
-    assert info.value.code == 2 and "invalid int value: 'ten'" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as info:
-        cli.main(["compare"])
-    assert info.value.code == 2 and "required: dirs" in capsys.readouterr().err
+@dataclasses.dataclass
+class FakeInner:
+    temperature: float = 1.0
+    """softmax temperature"""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError("--temperature must be > 0")
+
+
+@dataclasses.dataclass
+class FakeConfig:
+    mode: Literal["fast", "slow"] = "fast"
+    """how fast"""
+    where: Path = Path("here")
+    """a path"""
+    inner: FakeInner = dataclasses.field(default_factory=FakeInner)
+
+
+@pytest.fixture
+def fake_command(monkeypatch):
+    """`ckaqad fake`: a command of its own, the real ones left out."""
+    module = types.ModuleType("fake")
+    module.HELP, module.Config, module.seen = "a fake command", FakeConfig, []
+    module.run = module.seen.append
+    registry = Registry[types.ModuleType]("command")
+    registry.register("fake", module)
+    monkeypatch.setattr(cli, "COMMANDS", registry)
+    return module
+
+
+def test_usage_errors_exit_2_on_one_line(capsys, fake_command):
+    line = cli_error(capsys, ["fake", "--mode", "medium"])
+    assert "invalid choice 'medium' for argument '--mode'" in line and "'fast', 'slow'" in line
+    assert cli_error(capsys, ["fake", "--modes", "fast"]).startswith(
+        "ckaqad: error: unrecognized options: --modes, fast (did you mean: --mode?)")
+    assert "argument --temperature: could not convert string to float: 'hot'" in \
+        cli_error(capsys, ["fake", "--temperature", "hot"])
+    assert "--temperature must be > 0" in cli_error(capsys, ["fake", "--temperature", "-1"])  # __post_init__
+    assert cli.main(["fake", "--mode", "slow", "--where", "a/b"]) == 0
+    assert fake_command.seen == [FakeConfig(mode="slow", where=Path("a/b"))]
+
+
+def test_usage_errors_of_real_commands(capsys):
+    assert "argument --steps: invalid literal for int() with base 10: 'ten'" in \
+        cli_error(capsys, ["distill", "--steps", "ten"])
+    assert "unrecognized options: --stepz" in cli_error(capsys, ["distill", "--stepz", "3"])
+    assert "compare needs at least one result directory" in cli_error(capsys, ["compare"])
+    assert "unknown command 'distil' (did you mean: distill" in cli_error(capsys, ["distil"])
+    assert "missing command" in cli_error(capsys, [])
+    assert "unknown option --verbose" in cli_error(capsys, ["--verbose"])
+
+
+def test_usage_message_reads_both_box_drawings():
+    utf8 = ("╭─ Value error ─────────╮\n│ Error parsing --steps: invalid │\n│ value 'ten' │\n│ ───── │\n"
+            "│ Argument helptext: │\n╰───────╯\n")
+    ascii_box = (" Invalid choice \n ------------- \n  invalid choice 'x' for argument '--mode'.\n  ---------\n"
+                 "  For full helptext, run prog --help\n \n")
+    assert cli.usage_message(utf8) == "argument --steps: invalid value 'ten'"
+    assert cli.usage_message("\x1b[31m" + ascii_box + "\x1b[0m") == "invalid choice 'x' for argument '--mode'."
 
 
 def test_nonexistent_teacher(tmp_path, capsys):
@@ -372,7 +606,7 @@ def test_nonexistent_run_or_student_dirs(tmp_path, capsys, teacher_dir):
     assert f"{empty} is not an HF model directory" in line
     for d in (missing, empty):
         line = cli_error(capsys, ["compare", str(d), *out])
-        assert line == f"ckaqad: error: {d} has no eval.json, diagnosis.json or report.json to compare"
+        assert line == f"ckaqad: error: {d} has no results.json, eval.json, diagnosis.json or report.json to compare"
     (tmp_path / "data.txt").write_text("\n\n".join(f"document number {i} " * 8 for i in range(6)))
     line = cli_error(capsys, ["diagnose", "--teacher", str(teacher_dir), "--student", str(missing),
                               "--data", str(tmp_path / "data.txt"), "--seq-len", "16", *out])
@@ -380,23 +614,33 @@ def test_nonexistent_run_or_student_dirs(tmp_path, capsys, teacher_dir):
     nothing_written(tmp_path, {"empty", "data.txt"})
 
 
-def test_multi_line_library_message_is_printed_on_one_line(tmp_path, capsys, monkeypatch):
-    from ckaqad.errors import ModelError
+# ------------------------------------------------------------------------------ what leaves cli.main
 
-    def fail(*configs):
+
+def test_multi_line_library_message_is_printed_on_one_line(capsys, monkeypatch):
+    def fail(config):
         raise ModelError("cannot load the model:\n  first detail\n  second detail")
 
-    monkeypatch.setattr(distill, "run_distill", fail)
+    monkeypatch.setattr(COMMANDS.get("distill"), "run", fail)
     assert cli_error(capsys, ["distill"]) == "ckaqad: error: cannot load the model: first detail second detail"
 
 
 def test_other_exceptions_keep_their_traceback(monkeypatch):
-    def bug(*configs):
+    def bug(config):
         raise ZeroDivisionError("an internal bug")
 
-    monkeypatch.setattr(distill, "run_distill", bug)
+    monkeypatch.setattr(COMMANDS.get("distill"), "run", bug)
     with pytest.raises(ZeroDivisionError):
         cli.main(["distill"])
+
+
+def test_ctrl_c_is_exit_130(capsys, monkeypatch):
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(COMMANDS.get("distill"), "run", interrupted)
+    assert cli.main(["distill"]) == 130
+    assert capsys.readouterr().err == "ckaqad: interrupted\n"
 
 
 def test_console_script_exits_2_without_traceback(tmp_path):
@@ -410,3 +654,13 @@ def test_console_script_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"ckaqad: error: model path does not exist: {tmp_path / 'missing'}"]
     assert not out.exists()
+
+
+def test_python_m_ckaqad_with_an_ascii_terminal(tmp_path):
+    """`python -m ckaqad` is the same command line; a non-UTF-8 terminal (ascii boxes) gives the same one line."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "CKAQAD_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "ckaqad", "distill", "--steps", "ten"],
+                            capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["ckaqad: error: argument --steps: invalid literal for int() with base 10: "
+                                          "'ten'"]

@@ -2,7 +2,7 @@
 
 Sink positions (the first `n_sink` real tokens of each sequence, where LLMs park massive activations),
 BOS tokens and padding are excluded by default: with them, CKA on SmolLM2 reads 0.999 flat and hides drift
-(METHOD.md §4). Student and teacher always use the same rows. A `LayerMap` pairs student blocks with
+(docs/method.md#cka). Student and teacher always use the same rows. A `LayerMap` pairs student blocks with
 teacher blocks, so a student of another depth (a pruned one) is compared block to block.
 """
 

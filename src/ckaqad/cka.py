@@ -1,4 +1,4 @@
-"""Linear CKA between two sets of representations of the same n tokens (METHOD.md §4). Pure tensor math.
+"""Linear CKA between two sets of representations of the same n tokens (docs/method.md#cka). Pure tensor math.
 
     CKA(X, Y) = ‖Yᵀ X‖_F² / (‖Xᵀ X‖_F · ‖Yᵀ Y‖_F)        X: (n, d1), Y: (n, d2), columns centred
 

@@ -37,7 +37,7 @@ from ckaqad.registry import close_matches
 
 DESCRIPTION = "NVFP4 students, layerwise CKA diagnosis and CKA-QAD"
 # Flat flags (`--batch-size`, not `--train.batch-size`); a field without a default (compare's `dirs`) is positional.
-MARKERS = (tyro.conf.OmitArgPrefixes, tyro.conf.PositionalRequiredArgs)
+MARKERS = (tyro.conf.OmitArgPrefixes, tyro.conf.PositionalRequiredArgs, tyro.conf.PositionalMetavarFromFieldName)
 CONFIG_FLAG = "--config"
 
 # ------------------------------------------------------------------------------------- the fields of a Config
@@ -274,6 +274,8 @@ def usage_message(text: str) -> str:
     if not sections:
         return title or "the command line is not valid (see --help)"
     message = re.sub(r"^Error parsing (\S+):", r"argument \1:", " ".join(sections[0]))
+    if message[:1].isupper() and message[1:2].islower():
+        message = message[0].lower() + message[1:]  # "Unrecognized options: ..." reads on as "error: unrecognized"
     if len(sections) > 1 and sections[1][0].startswith("Perhaps you meant"):
         near = [line.split()[0] for line in sections[1][1:] if line.startswith("-")]
         message += f" (did you mean: {near[0]}?)" if near else ""
@@ -320,7 +322,7 @@ def _tyro(cls: type, args: list[str], prog: str, description: str | None = None)
 
 
 def describe(module) -> str:
-    return (f"{module.HELP}\n\n{CONFIG_FLAG} FILE: a YAML mapping of any of these options, flat (seq-len: 64) or "
+    return (f"{module.HELP}\n{CONFIG_FLAG} FILE: a YAML mapping of any of these options, flat (seq-len: 64) or "
             "in sections (kl: {temperature: 2}); the flags given here win.")
 
 

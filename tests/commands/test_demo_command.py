@@ -1,4 +1,4 @@
-"""Tests for `ckaqad.demo`: one tiny demo (2-layer teacher saved as an HF directory, a local text file, 4 steps
+"""Tests for `ckaqad.commands.demo`: one tiny demo (2-layer teacher saved as an HF directory, a local text file, 4 steps
 per method on CPU) and its report: files, sections, and numbers that agree with the run directories."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import pytest
 import torch
 from conftest import save_tiny_teacher
 
-from ckaqad.demo import METHODS, DemoConfig, run_demo
+from ckaqad.commands import demo as demo_command
+from ckaqad.commands.demo import METHODS
+from ckaqad.commands.demo import Config as DemoConfig
 from ckaqad.errors import ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -57,7 +59,7 @@ def demo_config(inputs: Path, out: Path, **overrides) -> DemoConfig:
 @pytest.fixture(scope="module")
 def demo(inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    result = run_demo(demo_config(inputs, out))
+    result = demo_command.run(demo_config(inputs, out))
     return out, result
 
 
@@ -217,17 +219,17 @@ def test_negative_sizes_are_config_errors(field):
 def test_nonempty_out_fails_before_loading_anything(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(ConfigError, match="exists and is not empty"):
-        run_demo(DemoConfig(teacher=str(tmp_path / "no-teacher"), out=str(tmp_path)))
+        demo_command.run(DemoConfig(teacher=str(tmp_path / "no-teacher"), out=str(tmp_path)))
 
 
 def test_unknown_format_fails_before_loading_the_teacher(tmp_path):
     with pytest.raises(ConfigError, match="unknown format"):
-        run_demo(DemoConfig(teacher=str(tmp_path / "no-teacher"), format="nvfp5", out=str(tmp_path / "out")))
+        demo_command.run(DemoConfig(teacher=str(tmp_path / "no-teacher"), format="nvfp5", out=str(tmp_path / "out")))
 
 
 def test_too_many_cka_tokens_fails_before_the_first_run(inputs, tmp_path):
     out = tmp_path / "out"
     # 1 block x (16 - 1 sink) = 15 valid tokens per step, fewer than the 32 asked for
     with pytest.raises(ConfigError, match="--cka-tokens 32 is larger than the 15 valid tokens"):
-        run_demo(demo_config(inputs, out, batch_size=1, seq_len=16))
+        demo_command.run(demo_config(inputs, out, batch_size=1, seq_len=16))
     assert not (out / "runs").exists()  # the KL-QAD run did not train first

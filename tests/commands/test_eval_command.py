@@ -182,6 +182,73 @@ def test_run_directory_is_evaluated_against_its_own_teacher(student_eval, workdi
     assert payload["fidelity"]["kl_per_token"] == pytest.approx(student_eval["fidelity"]["kl_per_token"], rel=1e-6)
 
 
+def make_run(root, workdir, teacher: str) -> RunDir:
+    """A run directory with a final student and one complete checkpoint (copies of the saved student)."""
+    run = RunDir(root)
+    shutil.copytree(workdir / "student", run.student.root)
+    checkpoint = run.checkpoint(1)
+    shutil.copytree(workdir / "student", checkpoint.student.root)
+    checkpoint.marker.write_text("")
+    run.config.write_text(f"teacher: {teacher}\nsteps: 1\n")
+    return run
+
+
+def test_a_checkpoint_student_is_evaluated_against_its_runs_teacher(student_eval, workdir, tmp_path):
+    run = make_run(tmp_path / "run", workdir, str(workdir / "teacher"))
+    payload = evaluate_into(tmp_path, "out", model=str(run.checkpoint(1).student.root))
+    assert payload["teacher"] == str(workdir / "teacher") and payload["label"] == LABEL
+    assert payload["fidelity"]["kl_per_token"] == pytest.approx(student_eval["fidelity"]["kl_per_token"], rel=1e-6)
+
+
+def test_run_of_finds_the_run_through_the_path_classes(workdir, tmp_path):
+    run = make_run(tmp_path / "run", workdir, "some/teacher")
+    resolved = RunDir(run.root.resolve())
+    for member in (run.root, run.student.root, run.checkpoint(1).root, run.checkpoint(1).student.root):
+        assert run_of(member) == resolved
+        assert run_teacher_spec(member) == "some/teacher"
+    assert run_of(workdir / "student") is None and run_teacher_spec(workdir / "student") is None
+    (run.root / "notes").mkdir()
+    assert run_of(run.root / "notes") is None  # inside a run, but not one of its students
+    incomplete = CheckpointDir(run.checkpoints / CheckpointDir.name_for(2))
+    shutil.copytree(workdir / "student", incomplete.student.root)
+    assert run_of(incomplete.student.root) is None  # a checkpoint without its COMPLETE marker
+    run.config.write_text("teacher: [unclosed\n")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        run_teacher_spec(run.student.root)
+
+
+def test_default_model_is_measured_against_itself(workdir, tmp_path, monkeypatch):
+    # `--model default` is the embedded teacher: stand a saved tiny model in for it (loading SmolLM2 is the
+    # integration tests' business). It is loaded once and is its own teacher.
+    loads = []
+
+    def fake_load(spec, device=None, dtype=None):
+        loads.append(spec)
+        loaded = load_model(workdir / "teacher", device=device)
+        loaded.source = str(spec)
+        return loaded
+
+    monkeypatch.setattr(eval_command, "load_model", fake_load)
+    monkeypatch.setattr(documents, "teacher_answers",
+                        lambda model, tokenizer, prompts: [f"{p}\nAnswer: {p[::-1]}" for p in prompts])
+    payload = evaluate_into(tmp_path, "out", model="default")
+    assert loads == ["default"]
+    assert payload["label"] == "teacher" and payload["teacher"] == "default"
+    fid = payload["fidelity"]
+    assert fid["kl_per_token"] == 0.0 and fid["top1_agreement"] == 1.0
+    assert fid["mean_cka"] == pytest.approx(1.0, abs=1e-6) and fid["perplexity"] == fid["teacher_perplexity"]
+
+
+def test_a_model_of_another_vocabulary_is_refused(workdir, tmp_path):
+    from conftest import make_tiny_model, make_tiny_tokenizer
+
+    make_tiny_model(vocab_size=300).save_pretrained(tmp_path / "other")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "other")
+    with pytest.raises(CheckpointError, match="vocabulary of 300 tokens, the teacher 259"):
+        evaluate_into(tmp_path, "out", model=str(tmp_path / "other"), teacher=str(workdir / "teacher"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_directory_is_loaded_back_into_a_student(student_eval, workdir, tmp_path):
     from ckaqad.export.writer import export_student
 
@@ -253,3 +320,42 @@ def test_invalid_eval_config(kwargs, match):
 def test_suites_are_split_on_commas():
     assert Config(suite=" fidelity, humaneval ,").suites == ["fidelity", "humaneval"]
     assert Config(suite="humaneval").needs_teacher is False and Config(suite="humaneval,fidelity").needs_teacher
+
+
+# ----------------------------------------------------------------------------------- eval -> compare
+
+
+def markdown_rows(text: str) -> dict[str, dict[str, str]]:
+    """{model: {column: cell}} from the first markdown table in `text`."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    return {row[0]: dict(zip(header[1:], row[1:], strict=True)) for row in rows}
+
+
+def test_compare_puts_both_results_in_one_table(teacher_eval, student_eval, workdir, tmp_path):
+    from ckaqad.commands import compare
+
+    out = tmp_path / "cmp"
+    result = compare.run(compare.Config(dirs=(str(workdir / "teacher_eval"), str(workdir / "student_eval")),
+                                        out=str(out)))
+    teacher_row, student_row = "teacher (teacher_eval)", f"{LABEL} (student_eval)"
+    assert result == {teacher_row: flat_metrics(teacher_eval), student_row: flat_metrics(student_eval)}
+    table = markdown_rows((out / "compare.md").read_text())
+    assert set(table) == {teacher_row, student_row}
+    for row, payload in ((teacher_row, teacher_eval), (student_row, student_eval)):
+        fid = payload["fidelity"]
+        for key in ("kl_per_token", "perplexity", "top1_agreement", "mean_cka", "min_cka"):
+            assert table[row][f"fidelity.{key}"] == f"{fid[key]:.4f}"
+    assert table[student_row]["fidelity.kl_per_token"] != "0.0000"
+    assert json.loads((out / "compare.json").read_text()) == result
+    assert {p.name for p in out.iterdir()} == {"compare.md", "compare.html", "compare.json", "cka_layers.png",
+                                                "metrics.png"}
+    assert "<table>" in (out / "compare.html").read_text()
+
+    # A directory written before results.json existed (eval.json only) compares the same.
+    old = tmp_path / "student_eval"
+    shutil.copytree(workdir / "student_eval", old)
+    (old / "results.json").unlink()
+    again = compare.run(compare.Config(dirs=(str(old),), out=str(tmp_path / "cmp2")))
+    assert again == {student_row: result[student_row]}

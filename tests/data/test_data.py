@@ -1,6 +1,6 @@
-"""Tests for `ckaqad.data` (documents and blocks): loading local text, packing into blocks, the held-out split, batch order and the
-built-in corpus. The tiny tokenizer maps every byte to its own id, so expected token streams are written
-here as `list(text.encode())` plus EOS."""
+"""Tests for `ckaqad.data` (documents and blocks): loading local text, packing into blocks, the held-out
+split, batch order and the built-in corpus. The tiny tokenizer maps every byte to its own id, so expected
+token streams are written here as `list(text.encode())` plus EOS."""
 
 from __future__ import annotations
 

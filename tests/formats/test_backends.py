@@ -1,6 +1,6 @@
-"""The fake-quantize dispatch of formats/backends.py (through `nvfp4.fake_quantize`) is bit-exact with the plain-torch reference
-(`nvfp4.fake_quantize_reference` on CPU, itself tested against a scalar reference in test_nvfp4.py) on every
-special input and on random ones, on every available device."""
+"""The fake-quantize dispatch of formats/backends.py (through `nvfp4.fake_quantize`) is bit-exact with the
+plain-torch reference (`nvfp4.fake_quantize_reference` on CPU, itself tested against a scalar reference in
+test_nvfp4.py) on every special input and on random ones, on every available device."""
 
 from __future__ import annotations
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers
 
+from ckaqad.errors import ModelError
 from ckaqad.models import arch
 from ckaqad.models import load as models
-from ckaqad.errors import ModelError
 
 
 @pytest.fixture

@@ -478,3 +478,12 @@ def test_quant_config_of_and_only(teacher):
     rebuilt = quantize_model_(again, QuantConfig(scheme="w4a16"), only=subset)
     assert rebuilt.quantized == subset
     assert sorted(quant_linears(again)) == sorted(subset)
+
+
+def test_frozen_weight_scales_are_set_before_the_calibration_forward(teacher):
+    """W4A4 with frozen weight scales: the calibration forward already quantizes weights with their real
+    amaxes, so every layer (o_proj and down_proj included, fed by quantized layers) gets a positive amax."""
+    student, _ = build_student(teacher, QuantConfig(weight_global="frozen"))
+    calibrate(student, batches())
+    for name, layer in quant_linears(student).items():
+        assert float(layer.weight_amax) > 0 and float(layer.input_amax) > 0, name

@@ -21,8 +21,11 @@ from ckaqad.eval.fidelity import measure_fidelity, token_rule
 from ckaqad.files import check_writable
 from ckaqad.models.load import load_model
 from ckaqad.objectives.compose import ObjectiveConfig
-from ckaqad.paths import RunDir
 from ckaqad.quant.linear import QuantConfig
+from ckaqad.report.html import write_page
+from ckaqad.report.plots import plot_cka_layers, plot_loss_comparison
+from ckaqad.report.results import ModelResult, write_results
+from ckaqad.report.tables import layer_table
 from ckaqad.students.spec import build_ptq_student, load_student
 from ckaqad.train.checkpointer import CheckpointConfig
 from ckaqad.train.metrics import read_metrics
@@ -138,14 +141,11 @@ def training_stats(run_dir: Path) -> dict:
 
 
 def write_report(out: Path, results: dict, teacher_stats: dict, training: dict, meta: dict) -> None:
-    import markdown
-
-    from ckaqad.diagnose import plot_cka_layers
-
+    """report.md, report.html, report.json, results.json and the two plots of the demo."""
     curves = {"teacher": [(row["index"], 1.0) for row in next(iter(results.values())).layers]}
     curves.update({label: [(row["index"], row["cka"]) for row in r.layers] for label, r in results.items()})
     plot_cka_layers(curves, out / "cka_layers.png", "Per-layer CKA to the teacher: PTQ vs KL-QAD vs CKA-QAD")
-    plot_losses(out, {label: method_dir(out, loss) for label, loss in METHODS.items()})
+    plot_loss_comparison({label: method_dir(out, loss) for label, loss in METHODS.items()}, out / "loss_curves.png")
     cfg = meta["config"]
     rows = ["| model | KL/token | ppl | top-1 agree | mean CKA | min CKA (layer) | step time | tokens/s | peak mem |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -157,11 +157,6 @@ def write_report(out: Path, results: dict, teacher_stats: dict, training: dict, 
                   f"{t['median_step_s'] * 1000:.0f} ms | {t['tokens_per_s']:.0f} | n/a (CPU)") if t else "– | – | –"
         rows.append(f"| {label} | {r.kl_per_token:.4f} | {r.perplexity:.3f} | {r.top1_agreement:.3f} | "
                     f"{r.mean_cka:.4f} | {r.min_cka:.4f} ({r.min_cka_layer}) | {timing} |")
-    layer_rows = ["| layer | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
-    first = next(iter(results.values()))
-    for i, row in enumerate(first.layers):
-        layer_rows.append(f"| {row['index']} | " + " | ".join(f"{r.layers[i]['cka']:.4f}" for r in results.values())
-                          + " |")
     md = [
         "# ckaqad demo: NVFP4 PTQ vs KL-QAD vs CKA-QAD", "",
         f"Teacher `{cfg['teacher']}` on {meta['device']}; student {cfg['format']} {cfg['scheme']} "
@@ -176,45 +171,16 @@ def write_report(out: Path, results: dict, teacher_stats: dict, training: dict, 
         "![per-layer CKA](cka_layers.png)", "", "![loss curves](loss_curves.png)", "",
         "Drift during training (held-out CKA per layer and step): "
         "[KL-QAD](runs/kl/cka_drift.png), [CKA-QAD](runs/kl-cka/cka_drift.png).", "",
-        "## Per-layer CKA", "", *layer_rows, "",
+        "## Per-layer CKA", "", *layer_table(results), "",
         f"Total run time {meta['runtime_s']:.0f} s. Runs, checkpoints, metrics.jsonl and TensorBoard logs are in "
         "`runs/`; the trained students in `runs/*/student/` (load with `ckaqad diagnose --student` or export "
         "with `ckaqad export`).", ""]
     text = "\n".join(md)
     (out / "report.md").write_text(text)
-    html = markdown.markdown(text, extensions=["tables"])
-    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;line-height:1.45}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-             "img{max-width:100%}")
-    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>ckaqad demo</title>"
-                                     f"<style>{style}</style></head><body>{html}</body></html>")
+    write_page(out / "report.html", text, "ckaqad demo")
     (out / "report.json").write_text(json.dumps({
         "teacher": teacher_stats, "models": {k: v.to_dict() for k, v in results.items()}, "training": training,
         **meta}, indent=2))
-
-
-def plot_losses(out: Path, runs: dict[str, Path]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for label, run_dir in runs.items():
-        train_rows, eval_rows = read_metrics(run_dir)
-        axes[0].plot([r["step"] for r in train_rows], [r["kl"] if r["kl"] is not None else float("nan")
-                                                       for r in train_rows], label=f"{label} train KL", alpha=0.7)
-        if eval_rows:
-            axes[0].plot([r["step"] for r in eval_rows], [r["kl_per_token"] for r in eval_rows], "o-",
-                         label=f"{label} held-out KL")
-            axes[1].plot([r["step"] for r in eval_rows], [r["mean_cka"] for r in eval_rows], "o-",
-                         label=f"{label} held-out mean CKA")
-    axes[0].set_title("KL(teacher‖student) per token")
-    axes[1].set_title("mean layer CKA to the teacher")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
-    plt.close(fig)
+    write_results(out, "demo", [ModelResult.from_fidelity(r, training=training.get(label, {}))
+                                for label, r in results.items()],
+                  teacher={"source": cfg["teacher"], **teacher_stats}, meta=meta)

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from ckaqad.errors import CheckpointError, ConfigError
+from ckaqad.eval.fidelity import HEADLINE
 from ckaqad.eval.suites import NEEDS_TEACHER, SUITES
 from ckaqad.files import atomic_directory, check_writable, write_json, write_text
 from ckaqad.models.load import LoadedModel, load_model
@@ -164,7 +165,7 @@ def write_eval(out: Path, payload: dict) -> None:
     write_text(d.eval_md, "\n".join(lines) + "\n")
     fid = payload.get("fidelity") or {}
     model = ModelResult(label=payload["label"], source=payload["model"],
-                        fidelity={k: v for k, v in fid.items() if k not in ("layers", "token_rule", "data")},
+                        fidelity={k: fid[k] for k in HEADLINE if k in fid},
                         layers=list(fid.get("layers", [])),
                         humaneval={k: v for k, v in (he or {}).items() if k != "per_problem"},
                         lm_eval=payload.get("lm_eval") or {})

@@ -3,7 +3,7 @@
 One pass over held-out blocks runs the teacher once and every student on the same batch, and accumulates:
 per-layer linear CKA (biased, exact over all tokens; debiased, Nguyen et al. minibatch estimator) on the
 residual-stream output of each decoder block with sinks and padding excluded, KL(teacher ‖ student) per
-token, perplexities and top-1 agreement (METHOD.md §6). A student of another depth than the teacher (a
+token, perplexities and top-1 agreement (docs/method.md#evaluation). A student of another depth than the teacher (a
 pruned one) is compared block to block through a `capture.LayerMap`.
 """
 

@@ -1,5 +1,6 @@
 """NVFP4: FP4 E2M1 elements in blocks of 16 along the last dim, one FP8 E4M3 scale per block and one FP32
-global scale per tensor. The single reference for the format (METHOD.md §2); kernels are tested against it.
+global scale per tensor. The single reference for the format (docs/method.md#nvfp4-and-the-comparison-formats);
+kernels are tested against it.
 
 Arithmetic (all in FP32):
     g   = amax / (6 * 448)                              global scale (amax over the tensor, or calibrated)

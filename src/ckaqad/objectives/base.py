@@ -3,7 +3,7 @@
 An objective is a callable on `ForwardOutputs` (one micro-batch's student and teacher forward) returning a
 scalar tensor; each has its own config dataclass and registers under one name (`register_objective`).
 `--loss kl+cka` names a `Composite`: the first term has weight 1, the CKA term weight λ (fixed, or `auto`:
-λ = α · stopgrad(first / cka), METHOD.md §5), a CE term its `--ce-weight`. The result is a `LossParts` of
+λ = α · stopgrad(first / cka), docs/method.md#cka-qad-loss), a CE term its `--ce-weight`. The result is a `LossParts` of
 tensors: nothing here moves a value to the host; the trainer does that once per step, when it logs.
 """
 

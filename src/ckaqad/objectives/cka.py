@@ -1,6 +1,6 @@
-"""The CKA regularizer of CKA-QAD (METHOD.md §5): mean over the chosen layer pairs of 1 − linear CKA between
-student and teacher hidden states at the sampled token rows, in FP32 with autocast off (bf16 Gram products
-lose the 1e-3 differences CKA-QAD cares about)."""
+"""The CKA regularizer of CKA-QAD (docs/method.md#cka-qad-loss): mean over the chosen layer pairs of 1 − linear
+CKA between student and teacher hidden states at the sampled token rows, in FP32 with autocast off (bf16 Gram
+products lose the 1e-3 differences CKA-QAD cares about)."""
 
 from __future__ import annotations
 

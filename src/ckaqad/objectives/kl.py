@@ -1,4 +1,4 @@
-"""The logit term of distillation (METHOD.md §5): forward KL(teacher ‖ student) per token.
+"""The logit term of distillation (docs/method.md#cka-qad-loss): forward KL(teacher ‖ student) per token.
 
 At temperature T (scaled by T², Hinton et al.), over the full vocabulary or the teacher's top-k
 (renormalised; optionally with a tail bucket holding the rest of the mass). Computed in chunks of tokens by

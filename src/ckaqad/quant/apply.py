@@ -3,11 +3,11 @@
 `quantize_model_` swaps Linear layers for `QuantLinear` and groups fused siblings; `calibrate` max-calibrates
 activation amaxes and freezes them; `freeze_scales` writes every amax the forward uses into buffers (so an
 export can read scales from a state dict); `cached_quantized_weights` holds the quantized weights during an
-evaluation. Scales (METHOD.md §2): weight block scales are recomputed from the current weight every forward;
-the weight global scale is recomputed too (`weight_global="dynamic"`, torchao's choice) or frozen after
-calibration (`"frozen"`, ModelOpt's). Activation global scales come from max-calibration and are frozen.
-Fused siblings (q/k/v, gate/up) share one weight and one input global scale, because vLLM fuses them into
-one GEMM with one scale.
+evaluation. Scales (docs/method.md#nvfp4-and-the-comparison-formats): weight block scales are recomputed from
+the current weight every forward; the weight global scale is recomputed too (`weight_global="dynamic"`,
+torchao's choice) or frozen after calibration (`"frozen"`, ModelOpt's). Activation global scales come from
+max-calibration and are frozen. Fused siblings (q/k/v, gate/up) share one weight and one input global scale,
+because vLLM fuses them into one GEMM with one scale.
 """
 
 from __future__ import annotations
@@ -110,6 +110,11 @@ def calibrate(student: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) ->
     beyond what the model produces. Returns the number of batches used.
     """
     layers = quant_linears(student)
+    # Frozen weight amaxes first: the calibration forward quantizes the weights with them (zero amaxes would
+    # quantize every weight to 0 and starve the later layers' activation amaxes).
+    for m in layers.values():
+        if m.frozen_weight_global and m.uses_global_scale:
+            m.weight_amax.copy_(m.group.weight_amax() if m.group else m.weight.detach().abs().amax().float())
     needs_inputs = [m for m in layers.values() if m.quantize_input and m.uses_global_scale]
     used = 0
     if needs_inputs:
@@ -129,9 +134,6 @@ def calibrate(student: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) ->
     for group in groups.values():
         if group.members[0].quantize_input:
             group.share_input_amax()
-    for m in layers.values():
-        if m.frozen_weight_global and m.uses_global_scale:
-            m.weight_amax.copy_(m.group.weight_amax() if m.group else m.weight.detach().abs().amax().float())
     return used
 
 

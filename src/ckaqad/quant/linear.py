@@ -1,10 +1,10 @@
 """The fake-quantized Linear layer and its config: `QuantConfig`, `QuantLinear`, fused `SiblingGroup`s.
 
-Scales (METHOD.md §2): weight block scales are recomputed from the current weight every forward; the
-weight global scale is recomputed too (`weight_global="dynamic"`, torchao's choice) or frozen after
-calibration (`"frozen"`, ModelOpt's). Activation global scales come from max-calibration on a few batches
-and are then frozen. Fused siblings (q/k/v, gate/up) share one weight and one input global scale, because
-vLLM fuses them into one GEMM with one scale.
+Scales (docs/method.md#nvfp4-and-the-comparison-formats): weight block scales are recomputed from the current
+weight every forward; the weight global scale is recomputed too (`weight_global="dynamic"`, torchao's choice)
+or frozen after calibration (`"frozen"`, ModelOpt's). Activation global scales come from max-calibration on a
+few batches and are then frozen. Fused siblings (q/k/v, gate/up) share one weight and one input global scale,
+because vLLM fuses them into one GEMM with one scale.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ckaqad.errors import CheckpointError, ConfigError
 from ckaqad.files import atomic_directory
-from ckaqad.paths import COMPLETE_MARKER, CheckpointDir, RunDir
+from ckaqad.paths import CheckpointDir, RunDir
 from ckaqad.students.store import check_weights_fit, save_student_dir
 
 
