@@ -162,54 +162,37 @@ def _flat_values(data: dict, cls: type, where: str) -> dict[str, typing.Any]:
     return values
 
 
-def _tokens(values: dict[str, typing.Any], cls: type, where: str) -> list[str]:
-    """The flags that say what `values` say. Only the shape is checked here (a bool is a bool, a list goes to
-    a sequence field, None to an optional one); tyro converts the values, as it does the command line's."""
-    leaves = layout(cls)[0]
-    tokens: list[str] = []
-    for name, value in values.items():
-        leaf = leaves[name]
-        kind, optional = _shape(leaf.hint)
-
-        def wrong() -> ConfigError:
-            return ConfigError(f"{where}: {name} must be {_type_name(leaf.hint)}, got {value!r}")  # noqa: B023
-
-        if value is None:
-            if not optional:
-                raise wrong()
-            tokens.append(f"{leaf.flag}=None")
-        elif kind == "bool":
-            if not isinstance(value, bool):
-                raise wrong()
-            tokens.append(leaf.flag if value else "--no-" + leaf.flag[2:])
-        elif kind == "sequence":
-            items = list(value) if isinstance(value, list | tuple) else [value]
-            if any(isinstance(item, list | tuple | dict) or item is None for item in items):
-                raise wrong()
-            tokens += [leaf.flag, *map(str, items)]
-        else:
-            if isinstance(value, list | tuple | dict):
-                raise wrong()
-            tokens.append(f"{leaf.flag}={value}")
-    return tokens
+def _leaf_tokens(leaf: Leaf, value, where: str) -> list[str]:
+    """The flag tokens that say `leaf: value`. Only the shape is checked here (a bool is a bool, a list goes to a
+    sequence field, None to an optional one); tyro converts the values, as it does the command line's."""
+    kind, optional = _shape(leaf.hint)
+    nested = list | tuple | dict
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    if (value is None and not optional) or (kind == "bool" and not isinstance(value, bool | None)) \
+            or (kind == "sequence" and any(isinstance(v, nested) or v is None for v in items)) \
+            or (kind == "scalar" and isinstance(value, nested)):
+        raise ConfigError(f"{where}: {leaf.name} must be {_type_name(leaf.hint)}, got {value!r}")
+    if value is None:
+        return [f"{leaf.flag}=None"]
+    if kind == "bool":
+        return [leaf.flag if value else "--no-" + leaf.flag[2:]]
+    if kind == "sequence":
+        return [leaf.flag, *map(str, items)]
+    return [f"{leaf.flag}={value}"]  # `=`: a value that starts with "-" stays a value
 
 
 def file_tokens(path: Path, cls: type, where: str, prog: str) -> list[str]:
     """The flag tokens of a YAML options file, checked: an unknown key or a value that does not convert to its
     field's type is a ConfigError naming `where`."""
     values = _flat_values(_read_yaml(path, where), cls, where)
-    tokens = _tokens(values, cls, where)
-    # Convert them alone first, into a flat dataclass of just these fields without the commands' checks, so a
-    # bad value is reported against the file rather than the command line.
     leaves = layout(cls)[0]
-    ordered = sorted(values, key=lambda n: leaves[n].field.default is dataclasses.MISSING
-                     and leaves[n].field.default_factory is dataclasses.MISSING, reverse=True)
-    fields = []
-    for name in ordered:
-        f = leaves[name].field
-        default = {"default": f.default} if f.default is not dataclasses.MISSING else \
-            {"default_factory": f.default_factory} if f.default_factory is not dataclasses.MISSING else {}
-        fields.append((name, leaves[name].hint, dataclasses.field(**default)))
+    tokens = [token for name, value in values.items() for token in _leaf_tokens(leaves[name], value, where)]
+    # tyro converts them alone first, into a flat dataclass of just these fields (their types and defaults,
+    # without the commands' checks), so that a bad value is reported against the file, not the command line.
+    # Every field here has a default: a field without one is positional, and positionals are not read from YAML.
+    fields = [(name, leaves[name].hint, dataclasses.field(default=leaves[name].field.default,
+                                                          default_factory=leaves[name].field.default_factory))
+              for name in values]
     try:
         _tyro(dataclasses.make_dataclass("Options", fields), tokens, prog)
     except ConfigError as exc:

@@ -54,7 +54,8 @@ class QuantConfig:
             raise unknown_name("weight global mode (--weight-global)", self.weight_global, WEIGHT_GLOBAL_MODES)
         if self.calib_batches < 1 or self.calib_batch_size < 1:
             raise ConfigError("--calib-batches and --calib-batch-size must be at least 1")
-        self.exclude = tuple(self.exclude)
+        # `--exclude a,b` and `--exclude a b` (and a YAML list) name the same patterns.
+        self.exclude = tuple(p.strip() for entry in self.exclude for p in str(entry).split(",") if p.strip())
 
     @property
     def quantize_inputs(self) -> bool:
