@@ -19,6 +19,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from ckaqad.errors import CheckpointError
+
 COMPLETE_MARKER = "COMPLETE"
 CONFIG_JSON = "config.json"
 
@@ -226,3 +230,31 @@ def detect(path: str | Path) -> str:
     if (path / CONFIG_JSON).is_file():
         return "model"
     return "other"
+
+
+def owning_run(path: str | Path) -> RunDir | None:
+    """The run `path` belongs to: the run itself, its final student (`run/student`), a complete checkpoint or
+    a complete checkpoint's student (`run/checkpoints/step-N/student`); None for a directory outside any run."""
+    path = Path(path).expanduser().resolve()
+    for candidate in (path, *list(path.parents)[:3]):
+        run = RunDir(candidate)
+        if not run.is_run():
+            continue
+        members = {run.root, run.student.root}
+        for checkpoint in run.complete_checkpoints():
+            members |= {checkpoint.root, checkpoint.student.root}
+        if path in members:
+            return run
+    return None
+
+
+def run_teacher_spec(path: str | Path) -> str | None:
+    """The teacher the run owning `path` was trained against (its config.yaml `teacher`), if any."""
+    run = owning_run(path)
+    if run is None:
+        return None
+    try:
+        saved = yaml.safe_load(run.config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"cannot read {run.config}: {exc}") from exc
+    return saved.get("teacher") if isinstance(saved, dict) else None

@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from ckaqad.commands import eval as eval_command
-from ckaqad.commands.eval import Config, run, run_of, run_teacher_spec
+from ckaqad.commands.eval import Config, run
 from ckaqad.data import documents
 from ckaqad.data.blocks import DataConfig, load_blocks
 from ckaqad.errors import CheckpointError, ConfigError
 from ckaqad.eval.suites import SUITES
 from ckaqad.models.load import load_model
-from ckaqad.paths import CheckpointDir, RunDir
+from ckaqad.paths import CheckpointDir, RunDir, run_teacher_spec
+from ckaqad.paths import owning_run as run_of
 from ckaqad.quant.apply import calibrate, quantize_model_
 from ckaqad.quant.linear import QuantConfig
 from ckaqad.report.results import flat_metrics, read_results

@@ -10,6 +10,7 @@ import torch
 import yaml
 from conftest import save_tiny_teacher
 
+from ckaqad import paths
 from ckaqad.commands import export
 from ckaqad.data.blocks import DataConfig
 from ckaqad.errors import CheckpointError, ConfigError, ExportError
@@ -64,24 +65,25 @@ def make_run(root, teacher: str):
     run.student.root.mkdir()
     step = run.checkpoint(50)
     step.student.root.mkdir(parents=True)
+    step.marker.write_text("50")
     return run
 
 
 def test_run_of_walks_up_from_a_student_dir_explicitly(tmp_path):
     run = make_run(tmp_path / "run", "some/teacher")
     step = run.checkpoint(50)
-    for path in (run.root, run.student.root, step.student.root):
-        assert export.run_of(path) == RunDir(run.root.resolve()), path
-        assert export.run_teacher(path) == "some/teacher"
+    for path in (run.root, run.student.root, step.root, step.student.root):
+        assert paths.owning_run(path) == RunDir(run.root.resolve()), path
+        assert paths.run_teacher_spec(path) == "some/teacher"
     # directories that are not a run, its student or a checkpoint's student belong to no run
-    for path in (step.root, run.checkpoints, tmp_path, tmp_path / "elsewhere" / "student"):
+    for path in (run.checkpoints, tmp_path, tmp_path / "elsewhere" / "student"):
         path.mkdir(parents=True, exist_ok=True)
-        assert export.run_of(path) is None, path
+        assert paths.owning_run(path) is None, path
     (run.root / "student" / "nested").mkdir()
-    assert export.run_of(run.root / "student" / "nested") is None
+    assert paths.owning_run(run.root / "student" / "nested") is None
     run.config.write_text(": : not yaml [")
     with pytest.raises(CheckpointError, match="cannot read"):
-        export.run_teacher(run.student.root)
+        paths.run_teacher_spec(run.student.root)
 
 
 def test_ptq_export_calibrates_on_the_data_and_verifies(tmp_path, teacher_dir, capsys):

@@ -14,14 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from ckaqad.errors import CheckpointError, ConfigError
+from ckaqad.errors import ConfigError
 from ckaqad.eval.fidelity import HEADLINE
 from ckaqad.eval.suites import NEEDS_TEACHER, SUITES
 from ckaqad.files import atomic_directory, check_writable, write_json, write_text
 from ckaqad.models.load import LoadedModel, load_model
-from ckaqad.paths import RunDir, detect
+from ckaqad.paths import detect, run_teacher_spec
 from ckaqad.report import tables
 from ckaqad.report.results import ModelResult, ResultDir, flat_metrics, write_results
 from ckaqad.students.spec import load_student
@@ -89,32 +88,8 @@ class Config:
         return any(s in NEEDS_TEACHER for s in self.suites)
 
 
-def run_of(path: Path) -> RunDir | None:
-    """The run `path` belongs to: the run itself, its final student (run/student), or a checkpoint or the
-    student of a checkpoint (run/checkpoints/step-N[/student]); None for anything else."""
-    path = path.expanduser().resolve()
-    for candidate in (path, *list(path.parents)[:3]):
-        run = RunDir(candidate)
-        if not run.is_run():
-            continue
-        members = {run.root, run.student.root}
-        for checkpoint in run.complete_checkpoints():
-            members |= {checkpoint.root, checkpoint.student.root}
-        if path in members:
-            return run
-    return None
 
 
-def run_teacher_spec(path: Path) -> str | None:
-    """The teacher the run owning `path` was trained against (its config.yaml `teacher`), if any."""
-    run = run_of(path)
-    if run is None:
-        return None
-    try:
-        saved = yaml.safe_load(run.config.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"cannot read {run.config}: {exc}") from exc
-    return saved.get("teacher") if isinstance(saved, dict) else None
 
 
 @dataclass

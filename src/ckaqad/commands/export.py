@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from ckaqad.data.blocks import DataConfig, load_blocks
 from ckaqad.errors import CheckpointError, ConfigError
 from ckaqad.export.layouts import LAYOUTS
@@ -21,7 +19,7 @@ from ckaqad.export.verify import verify_export
 from ckaqad.export.writer import ExportSummary, check_out_dir, export_student
 from ckaqad.files import check_writable
 from ckaqad.models.load import load_model
-from ckaqad.paths import CheckpointDir, RunDir, detect
+from ckaqad.paths import RunDir, detect, run_teacher_spec
 from ckaqad.quant.linear import QuantConfig
 from ckaqad.students.spec import build_ptq_student, load_student
 
@@ -67,32 +65,8 @@ class Config:
             raise ConfigError(f"--shard-size-mb must be at least 1, got {self.shard_size_mb}")
 
 
-def run_of(path: Path) -> RunDir | None:
-    """The run `path` belongs to: the run itself, its final student (`run/student`) or a checkpoint's student
-    (`run/checkpoints/step-N/student`); None for a directory outside any run."""
-    path = path.resolve()
-    if RunDir(path).is_run():
-        return RunDir(path)
-    parent = RunDir(path.parent)
-    if parent.is_run() and parent.student.root == path:
-        return parent
-    step = CheckpointDir(path.parent)
-    run = RunDir(step.root.parent.parent)
-    if run.is_run() and step.root.parent == run.checkpoints and step.student.root == path:
-        return run
-    return None
 
 
-def run_teacher(path: Path) -> str | None:
-    """The teacher spec saved in the config.yaml of the run `path` belongs to, if any."""
-    run = run_of(path)
-    if run is None:
-        return None
-    try:
-        saved = yaml.safe_load(run.config.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"cannot read {run.config}: {exc}") from exc
-    return saved.get("teacher") if isinstance(saved, dict) else None
 
 
 def _check_source(source: Path) -> None:
@@ -113,7 +87,7 @@ def run(config: Config) -> ExportSummary:
     source = None if config.ptq else Path(config.run or config.student).expanduser()
     if source is not None:
         _check_source(source)
-    teacher_spec = config.teacher or (run_teacher(source) if source is not None else None) or "default"
+    teacher_spec = config.teacher or (run_teacher_spec(source) if source is not None else None) or "default"
     teacher = load_model(teacher_spec, device=config.device)
     if config.ptq:
         quant = QuantConfig(format=config.format, scheme=config.scheme)
