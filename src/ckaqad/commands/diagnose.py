@@ -40,6 +40,8 @@ class PTQOptions:
     """weight global scale: dynamic (recomputed each forward) or frozen (fixed at calibration)"""
     clip_gradient: bool = QuantConfig.clip_gradient
     """zero the straight-through gradient where |x| exceeds the global amax"""
+    arithmetic: str = QuantConfig.arithmetic
+    """reference (ckaqad's) or runtime: compute what compressed-tensors' served forward computes, element for element"""
 
     def __post_init__(self) -> None:
         self.exclude = tuple(self.exclude)

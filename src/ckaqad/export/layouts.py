@@ -75,8 +75,9 @@ def read_json(path: Path) -> dict:
 
 
 def reciprocal_global_scale(amax: torch.Tensor) -> torch.Tensor:
-    """compressed-tensors' global scale `448·6 / amax` (float32 scalar, CPU), the reciprocal of g."""
-    return torch.tensor(nvfp4.GLOBAL_RANGE, dtype=torch.float32) / amax.detach().float().cpu()
+    """compressed-tensors' global scale `448·6 / amax` (float32 scalar, CPU), the reciprocal of g:
+    `nvfp4.reciprocal_global_scale` on CPU."""
+    return nvfp4.reciprocal_global_scale(amax.detach().cpu())
 
 
 def amax_from_global(g: torch.Tensor) -> torch.Tensor:

@@ -128,7 +128,22 @@ def _fill(model: nn.Module, state: dict[str, torch.Tensor], export_dir: Path) ->
 
 
 @torch.no_grad()
-def load_export(export_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+def to_served_dtype(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """`model.to(dtype)` in place, but holding what transformers' `from_pretrained(dtype=...)` holds in
+    float32: the rotary `inv_freq` buffers (computed in float32 at init, never cast). A plain `.to(bfloat16)`
+    rounds them and moves the logits. Runtime-arithmetic QuantLinear amaxes stay float32 by themselves."""
+    kept = {name: b.clone() for name, b in model.named_buffers() if name.endswith("inv_freq")}
+    model.to(dtype)
+    for name, value in kept.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        module._buffers[attr] = value.to(module._buffers[attr].device)
+    return model
+
+
+@torch.no_grad()
+def load_export(export_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                arithmetic: str = "reference") -> tuple[nn.Module, object]:
     """Read an export (either layout) back as a fake-quantized float32 student in eval mode, with its
     tokenizer.
 
@@ -136,6 +151,10 @@ def load_export(export_dir: str | os.PathLike, device: str | torch.device = "cpu
     weight) and frozen global amaxes; re-quantizing that weight in the forward returns the same codes and
     scales, so the logits equal the exported student's (bit for bit with `ckaqad_scales.json`, see
     `export.compress`; unquantized tensors are the bfloat16 values that were written). Gradients are off.
+
+    `arithmetic` goes into the rebuilt QuantConfig: "runtime" computes what compressed-tensors' served forward
+    computes; `to_served_dtype(model)` (bf16) then gives the logits transformers gives for this export, bit for
+    bit (its amaxes stay float32, see `QuantLinear`).
     """
     info = inspect_export(export_dir)
     root = info.root
@@ -147,7 +166,7 @@ def load_export(export_dir: str | os.PathLike, device: str | torch.device = "cpu
     if unknown:
         raise ExportError(f"{root}: quantized tensors for modules the model does not have: {unknown[:3]}")
     config = QuantConfig(format="nvfp4", scheme="w4a4" if info.w4a4 else "w4a16", weight_global="frozen",
-                         exclude=tuple(sorted(set(linears) - set(quantized))))
+                         arithmetic=arithmetic, exclude=tuple(sorted(set(linears) - set(quantized))))
     quantize_model_(model, config)
     if sorted(quant_linears(model)) != quantized:
         raise ExportError(f"{root}: the quantized layers in the checkpoint do not match the model")

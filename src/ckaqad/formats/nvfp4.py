@@ -39,6 +39,14 @@ def global_scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
     return amax / torch.tensor(GLOBAL_RANGE, dtype=torch.float32, device=amax.device)
 
 
+def reciprocal_global_scale(amax: torch.Tensor | float) -> torch.Tensor:
+    """compressed-tensors' global scale G = fl32(2688 / amax) (`weight_global_scale`, `input_global_scale`),
+    the reciprocal of g: one IEEE float32 division (a tensor divisor, never 2688 * (1/amax)), on amax's
+    device, same shape. The export stores exactly this, and the runtime arithmetic uses it."""
+    amax = torch.as_tensor(amax).detach().to(torch.float32)
+    return torch.tensor(GLOBAL_RANGE, dtype=torch.float32, device=amax.device) / amax
+
+
 def check_blockable(x: torch.Tensor, block_size: int = BLOCK_SIZE, name: str = "NVFP4") -> None:
     if x.dim() == 0 or x.shape[-1] % block_size != 0:
         raise FormatError(

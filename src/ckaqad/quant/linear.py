@@ -16,12 +16,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from ckaqad.errors import ConfigError
-from ckaqad.formats import CALIBRATED_FORMATS, FORMATS, get_format
+from ckaqad.formats import CALIBRATED_FORMATS, FORMATS, get_format, nvfp4
+from ckaqad.formats.nvfp4_runtime import runtime_dequantize_weight, runtime_fake_quantize
+from ckaqad.formats.ste import straight_through
 from ckaqad.registry import unknown_name
 
 # scheme -> quantize activations (inputs of Linear layers)?  Weights are always quantized.
 SCHEMES: dict[str, bool] = {"w4a16": False, "w4a4": True}
 WEIGHT_GLOBAL_MODES = ("dynamic", "frozen")
+# How the forward computes the fake-quantized values: "reference" is ckaqad's fp32 arithmetic
+# (formats/nvfp4.py); "runtime" is compressed-tensors' served forward, op for op (formats/nvfp4_runtime.py).
+ARITHMETICS = ("reference", "runtime")
+RUNTIME_FORMATS = ("nvfp4",)
 # Modules left in high precision by default: the output head and MoE routers (embeddings and norms are
 # not Linear layers, so they are never swapped).
 DEFAULT_EXCLUDE = ("lm_head", "*.router", "*.gate")
@@ -45,6 +51,8 @@ class QuantConfig:
     """weight global scale: dynamic (recomputed each forward) or frozen (fixed at calibration)"""
     clip_gradient: bool = False
     """zero the straight-through gradient where |x| exceeds the global amax"""
+    arithmetic: str = "reference"
+    """reference (ckaqad's) or runtime: compute what compressed-tensors' served forward computes, element for element"""
 
     def __post_init__(self) -> None:
         FORMATS.check(self.format)
@@ -52,10 +60,19 @@ class QuantConfig:
             raise unknown_name("scheme (--scheme)", self.scheme, SCHEMES)
         if self.weight_global not in WEIGHT_GLOBAL_MODES:
             raise unknown_name("weight global mode (--weight-global)", self.weight_global, WEIGHT_GLOBAL_MODES)
+        if self.arithmetic not in ARITHMETICS:
+            raise unknown_name("arithmetic (--arithmetic)", self.arithmetic, ARITHMETICS)
+        if self.arithmetic == "runtime" and self.format not in RUNTIME_FORMATS:
+            raise ConfigError(f"--arithmetic runtime is only available for {', '.join(RUNTIME_FORMATS)} "
+                              f"(the compressed-tensors runtime), not {self.format}")
         if self.calib_batches < 1 or self.calib_batch_size < 1:
             raise ConfigError("--calib-batches and --calib-batch-size must be at least 1")
         # `--exclude a,b` and `--exclude a b` (and a YAML list) name the same patterns.
         self.exclude = tuple(p.strip() for entry in self.exclude for p in str(entry).split(",") if p.strip())
+
+    @property
+    def runtime_arithmetic(self) -> bool:
+        return self.arithmetic == "runtime"
 
     @property
     def quantize_inputs(self) -> bool:
@@ -88,6 +105,21 @@ class SiblingGroup:
             member.input_amax.fill_(amax)
 
 
+def _runtime_input(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' W4A4 input quantize-dequantize, in x's dtype, with the global scale the export
+    stores for this amax."""
+    return runtime_fake_quantize(x, nvfp4.reciprocal_global_scale(amax))
+
+
+def _runtime_weight(w: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """The weight compressed-tensors serves for this master weight: ckaqad's codes and block scales (the ones
+    the export writes), decompressed as `NVFP4PackedCompressor` does to bf16, and held in w's dtype (exact) so
+    that the straight-through gradient reaches a float32 master weight unrounded."""
+    q = nvfp4.quantize(w.float(), amax)
+    return runtime_dequantize_weight(q.codes, q.block_scales, nvfp4.reciprocal_global_scale(amax),
+                                     dtype=torch.bfloat16).to(w.dtype)
+
+
 class QuantLinear(nn.Module):
     """A Linear whose weight (and, for W4A4, input) is fake-quantized in the forward pass.
 
@@ -98,6 +130,12 @@ class QuantLinear(nn.Module):
     With grad enabled the weight is fake-quantized every forward. `hold_quantized_weight()` computes it once
     and keeps it until `release_quantized_weight()` (`apply.cached_quantized_weights` does both around an
     evaluation): an explicit cache, since no automatic key on the weight is safe under FSDP2.
+
+    With `arithmetic="runtime"` (NVFP4) the forward computes what compressed-tensors' served forward computes:
+    the input is fake-quantized by `runtime_fake_quantize` in its own dtype with G = fl32(2688 / input_amax),
+    and the weight is the bf16 decompression of its codes (`runtime_dequantize_weight`), cast to the input's
+    dtype; both with straight-through gradients. The amax buffers then stay float32 under `.to(dtype)`, as
+    the export stores the global scales: `student.to(torch.bfloat16)` runs the served bf16 model.
     """
 
     def __init__(self, linear: nn.Linear, config: QuantConfig) -> None:
@@ -109,12 +147,24 @@ class QuantLinear(nn.Module):
         self.quantize_input = config.quantize_inputs
         self.frozen_weight_global = config.weight_global == "frozen"
         self.clip_gradient = config.clip_gradient
+        self.arithmetic = config.arithmetic
         self.config = config
         self.calibrating = False
         self.group: SiblingGroup | None = None
         self._held_weight: torch.Tensor | None = None
         self.register_buffer("input_amax", torch.zeros((), dtype=torch.float32))
         self.register_buffer("weight_amax", torch.zeros((), dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        if self.arithmetic != "runtime":
+            return super()._apply(fn, recurse)
+        # Runtime arithmetic: the global scales are float32 facts of the checkpoint; a dtype cast of the
+        # model must not round them (it would change G), a device move still moves them.
+        amaxes = {name: self._buffers[name] for name in ("input_amax", "weight_amax")}
+        out = super()._apply(fn, recurse)
+        for name, old in amaxes.items():
+            self._buffers[name] = old.to(self._buffers[name].device)
+        return out
 
     @property
     def uses_global_scale(self) -> bool:
@@ -130,15 +180,19 @@ class QuantLinear(nn.Module):
             return self.group.weight_amax()
         return self.weight.detach().abs().amax().float()
 
+    def _fake_quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.arithmetic == "runtime":
+            return straight_through(_runtime_weight, weight, self.weight_global_amax(), self.clip_gradient)
+        return get_format(self.format_name).fake_quantize(weight, self.weight_global_amax(), self.clip_gradient)
+
     def quantized_weight(self) -> torch.Tensor:
         if self._held_weight is not None:
             return self._held_weight
-        return get_format(self.format_name).fake_quantize(self.weight, self.weight_global_amax(), self.clip_gradient)
+        return self._fake_quantize_weight(self.weight)
 
     @torch.no_grad()
     def hold_quantized_weight(self) -> None:
-        self._held_weight = get_format(self.format_name).fake_quantize(
-            self.weight.detach(), self.weight_global_amax(), self.clip_gradient)
+        self._held_weight = self._fake_quantize_weight(self.weight.detach())
 
     def release_quantized_weight(self) -> None:
         self._held_weight = None
@@ -154,7 +208,10 @@ class QuantLinear(nn.Module):
         if group is not None and group.last_input is not None and group.last_input[0] is x:
             return group.last_input[1]
         amax = self.input_amax if self.uses_global_scale else None
-        out = get_format(self.format_name).fake_quantize(x, amax, self.clip_gradient)
+        if self.arithmetic == "runtime":
+            out = straight_through(_runtime_input, x, amax, self.clip_gradient)
+        else:
+            out = get_format(self.format_name).fake_quantize(x, amax, self.clip_gradient)
         if group is not None:
             group.last_input = (x, out)
         return out
@@ -164,4 +221,5 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "w4a4" if self.quantize_input else "w4a16"
-        return f"in={self.in_features}, out={self.out_features}, format={self.format_name}, {mode}"
+        runtime = ", runtime arithmetic" if self.arithmetic == "runtime" else ""
+        return f"in={self.in_features}, out={self.out_features}, format={self.format_name}, {mode}{runtime}"

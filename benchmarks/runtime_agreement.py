@@ -1,0 +1,126 @@
+"""How far ckaqad's forward of an NVFP4 export is from what the compressed-tensors runtime serves.
+
+For the embedded model (SmolLM2-135M, fp32 on CPU) and each scheme (W4A4, W4A16): build the PTQ student
+(`build_ptq_student`, default QuantConfig, calibrated on the built-in corpus at seq_len 256), export it in the
+compressed-tensors layout to `<exports>/<scheme>`, and run one fixed English + Python text (~200 tokens,
+written here, not from the project's corpus) through
+
+* `ref`: ckaqad `load_export(dir)` (reference arithmetic, float32),
+* `rt`: ckaqad `load_export(dir, arithmetic="runtime")` in bf16 (`to_served_dtype`),
+* `served`: transformers `AutoModelForCausalLM.from_pretrained(dir, dtype=bfloat16)` (compressed-tensors).
+
+Reported, in nats per token (mean over the text's positions, and the max): KL(teacher ‖ X) for X in ref, rt,
+served, and KL(ckaqad ‖ served) for both ckaqad modes; plus the max |logit| difference to `served` and
+whether the logits are bit-identical. Every KL is computed in float64 from the logits.
+
+    OMP_NUM_THREADS=2 python benchmarks/runtime_agreement.py [--exports /tmp/rt] [--out runtime_agreement.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import transformers
+
+from ckaqad.data.blocks import DataConfig, load_blocks
+from ckaqad.export.reader import load_export, to_served_dtype
+from ckaqad.export.writer import export_student
+from ckaqad.models.load import load_model
+from ckaqad.quant.linear import QuantConfig
+from ckaqad.students.spec import build_ptq_student
+
+TEXT = '''The lighthouse keeper wrote in his log every evening, whether or not anything had happened. On calm nights
+the entries were short: wind from the west, sea slight, lamp lit at dusk. When a storm came through, he wrote
+longer, describing the colour of the sky and the sound the waves made against the rocks below the tower.
+
+def moving_average(values, window):
+    """Return the running mean of `values` over `window` items."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    total = 0.0
+    out = []
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+print(moving_average([3, 1, 4, 1, 5, 9, 2, 6], 3))
+'''
+
+
+def kl_per_token(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) at every position, float64, nats."""
+    logp = torch.log_softmax(p_logits.double(), dim=-1)
+    logq = torch.log_softmax(q_logits.double(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1).flatten()
+
+
+@torch.no_grad()
+def run_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits
+
+
+def measure(scheme: str, teacher, tokenizer, blocks, model_dir: Path, exports: Path, ids: torch.Tensor,
+            teacher_logits: torch.Tensor) -> dict:
+    student, _ = build_ptq_student(teacher, QuantConfig(scheme=scheme), blocks)
+    out = exports / scheme
+    export_student(student, tokenizer, out, overwrite=True, teacher_dir=model_dir)
+    del student
+    ref, _ = load_export(out)
+    logits = {"ref": run_logits(ref, ids)}
+    del ref
+    rt, _ = load_export(out, arithmetic="runtime")
+    logits["rt"] = run_logits(to_served_dtype(rt), ids)
+    del rt
+    served = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16).eval()
+    logits["served"] = run_logits(served, ids)
+    del served
+
+    def stats(kl: torch.Tensor) -> dict:
+        return {"mean": kl.mean().item(), "max": kl.max().item()}
+
+    row = {f"KL(teacher||{k})": stats(kl_per_token(teacher_logits, v)) for k, v in logits.items()}
+    for k in ("ref", "rt"):
+        row[f"KL({k}||served)"] = stats(kl_per_token(logits[k], logits["served"]))
+        row[f"max|logit {k}-served|"] = (logits[k].float() - logits["served"].float()).abs().max().item()
+        row[f"{k} bit-identical to served"] = bool(
+            logits[k].dtype == logits["served"].dtype and torch.equal(logits[k], logits["served"]))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--exports", type=Path, default=Path("/tmp/rt"))
+    parser.add_argument("--out", type=Path, default=Path("runtime_agreement.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    loaded = load_model("default", device="cpu")
+    teacher, tokenizer = loaded.model, loaded.tokenizer
+    blocks = load_blocks(DataConfig(seq_len=256), teacher, tokenizer)
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    teacher_logits = run_logits(teacher, ids)
+    results = {"model": loaded.source, "tokens": ids.shape[1], "torch": torch.__version__,
+               "transformers": transformers.__version__, "schemes": {}}
+    for scheme in ("w4a4", "w4a16"):
+        results["schemes"][scheme] = measure(scheme, teacher, tokenizer, blocks, loaded.model_dir, args.exports,
+                                             ids, teacher_logits)
+    args.out.write_text(json.dumps(results, indent=2))
+
+    print(f"{results['model']}, {results['tokens']} tokens; KL in nats/token, mean (max)")
+    rows = results["schemes"]
+    keys = [k for k in rows["w4a4"] if k.startswith("KL")]
+    print(f"{'quantity':<24}" + "".join(f"{s:>30}" for s in rows))
+    for k in keys:
+        print(f"{k:<24}" + "".join(f"{rows[s][k]['mean']:>18.3e} ({rows[s][k]['max']:.2e})" for s in rows))
+    for k in [k for k in rows["w4a4"] if not k.startswith("KL")]:
+        print(f"{k:<24}" + "".join(f"{rows[s][k]!s:>30}" for s in rows))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
