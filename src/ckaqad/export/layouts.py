@@ -21,6 +21,7 @@ whether an export directory holds it (`detect`).
 
 from __future__ import annotations
 
+import abc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,7 @@ def amax_from_reciprocal(global_scale: torch.Tensor, exact_hex: str | None) -> t
 # ------------------------------------------------------------------------------------------- layouts
 
 
-class Layout:
+class Layout(abc.ABC):
     """One on-disk layout. Subclasses set the class attributes and implement the methods; `LAYOUTS` holds one
     instance of each."""
 
@@ -124,28 +125,28 @@ class Layout:
     def __repr__(self) -> str:
         return f"<layout {self.name}>"
 
+    @abc.abstractmethod
     def store_globals(self, weight_amax: torch.Tensor, input_amax: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The global-scale tensors of one layer under their local names (float32, CPU)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def recover_amaxes(self, local: dict[str, torch.Tensor], recorded_weight: str | None,
                        recorded_input: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight global amax, input amax or None) from a layer's stored globals; `recorded_*` are the exact
         amaxes of `ckaqad_scales.json` (float hex) when the export has them."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def config_files(self, w4a4: bool, ignore: list[str]) -> tuple[dict, dict[str, dict]]:
         """(config.json `quantization_config`, {file name: JSON object} of extra files)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def scheme_of(self, export: ExportDir, config: dict) -> bool | None:
         """None if `export` (config.json already read as `config`) is not of this layout, else whether it is
         W4A4; ExportError for an export of this layout that ckaqad cannot read."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def serving_weight(self, local: dict[str, torch.Tensor], quantization_config: dict) -> torch.Tensor:
         """A layer's dequantized weight `[out, in]` as the serving stacks compute it from the stored tensors."""
-        raise NotImplementedError
 
 
 def _quantization_method(config: dict) -> tuple[dict | None, str | None]:
