@@ -3,7 +3,7 @@
 For the embedded model (SmolLM2-135M, fp32 on CPU) and each scheme (W4A4, W4A16): build the PTQ student
 (`build_ptq_student`, default QuantConfig, calibrated on the built-in corpus at seq_len 256), export it in the
 compressed-tensors layout to `<exports>/<scheme>`, and run one fixed English + Python text (~200 tokens,
-written here, not from the project's corpus) through
+`ckaqad.export.verify.AGREEMENT_TEXT`, not from the project's corpus) through
 
 * `ref`: ckaqad `load_export(dir)` (reference arithmetic, float32),
 * `rt`: ckaqad `load_export(dir, arithmetic="runtime")` in bf16 (`to_served_dtype`),
@@ -27,37 +27,12 @@ import transformers
 
 from ckaqad.data.blocks import DataConfig, load_blocks
 from ckaqad.export.reader import load_export, to_served_dtype
+from ckaqad.export.verify import AGREEMENT_TEXT as TEXT
+from ckaqad.export.verify import kl_per_token
 from ckaqad.export.writer import export_student
 from ckaqad.models.load import load_model
 from ckaqad.quant.linear import QuantConfig
 from ckaqad.students.spec import build_ptq_student
-
-TEXT = '''The lighthouse keeper wrote in his log every evening, whether or not anything had happened. On calm nights
-the entries were short: wind from the west, sea slight, lamp lit at dusk. When a storm came through, he wrote
-longer, describing the colour of the sky and the sound the waves made against the rocks below the tower.
-
-def moving_average(values, window):
-    """Return the running mean of `values` over `window` items."""
-    if window <= 0:
-        raise ValueError("window must be positive")
-    total = 0.0
-    out = []
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
-
-print(moving_average([3, 1, 4, 1, 5, 9, 2, 6], 3))
-'''
-
-
-def kl_per_token(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) at every position, float64, nats."""
-    logp = torch.log_softmax(p_logits.double(), dim=-1)
-    logq = torch.log_softmax(q_logits.double(), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1).flatten()
 
 
 @torch.no_grad()

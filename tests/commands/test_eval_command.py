@@ -262,6 +262,33 @@ def test_export_directory_is_loaded_back_into_a_student(student_eval, workdir, t
     assert payload["fidelity"]["kl_per_token"] == pytest.approx(student_eval["fidelity"]["kl_per_token"], rel=0.2)
 
 
+def test_transformers_runtime_scores_the_export_as_runtime_arithmetic_in_bf16(workdir, tmp_path, monkeypatch):
+    """`--runtime transformers` evaluates what from_pretrained serves; ckaqad's runtime arithmetic in bf16
+    computes the same logits, so the fidelity numbers agree (up to the metric accumulation's rounding)."""
+    from ckaqad.export.reader import load_export, to_served_dtype
+    from ckaqad.export.writer import export_student
+
+    teacher = load_model(workdir / "teacher", device="cpu")
+    student, _ = load_student_dir(workdir / "student")
+    export_student(student, teacher.tokenizer, tmp_path / "exp")
+    served = evaluate_into(tmp_path, "served", model=str(tmp_path / "exp"), teacher=str(workdir / "teacher"),
+                           runtime="transformers")
+    assert served["runtime"] == "transformers" and served["label"] == "export:exp (transformers)"
+    assert read_results(tmp_path / "served").meta["runtime"] == "transformers"
+    assert "(runtime transformers)" in (tmp_path / "served" / "eval.md").read_text()
+
+    def runtime_arithmetic(export_dir, device):
+        model, tokenizer = load_export(export_dir, device=device, arithmetic="runtime")
+        return to_served_dtype(model), tokenizer
+
+    monkeypatch.setattr(eval_command, "load_served", runtime_arithmetic)
+    ours = evaluate_into(tmp_path, "ours", model=str(tmp_path / "exp"), teacher=str(workdir / "teacher"),
+                         runtime="transformers")
+    for key in ("kl_per_token", "perplexity", "top1_agreement"):
+        assert served["fidelity"][key] == pytest.approx(ours["fidelity"][key], rel=1e-6, abs=1e-9), key
+    assert served["fidelity"]["kl_per_token"] > 0
+
+
 def test_failure_while_writing_leaves_the_previous_results(student_eval, workdir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
@@ -316,6 +343,14 @@ def test_unknown_suite_lists_close_matches(suite, near):
 def test_invalid_eval_config(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         Config(**kwargs)
+
+
+def test_transformers_runtime_is_for_export_directories_only(workdir):
+    with pytest.raises(ConfigError, match="--runtime must be ckaqad or transformers, got 'vllm'"):
+        Config(runtime="vllm")
+    for model in ("default", str(workdir / "teacher"), str(workdir / "student")):
+        with pytest.raises(ConfigError, match="--runtime transformers evaluates export directories only"):
+            Config(model=model, runtime="transformers")
 
 
 def test_suites_are_split_on_commas():

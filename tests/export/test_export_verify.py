@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from export_helpers import (
@@ -14,7 +16,8 @@ from export_helpers import (
 )
 
 from ckaqad.errors import ExportError
-from ckaqad.export.verify import verify_export
+from ckaqad.export.reader import load_export, to_served_dtype
+from ckaqad.export.verify import runtime_agreement, verify_export
 from ckaqad.export.writer import export_student
 from ckaqad.formats import nvfp4
 from ckaqad.formats.e2m1 import e2m1_grid
@@ -75,6 +78,22 @@ def test_verify_export_passes_on_a_true_export(tmp_path, tiny_tokenizer, layout,
     assert check["reader_agreement"] == ("within one bfloat16 ulp" if layout == "compressed-tensors" else "exact")
     assert check["reader"] == ("compressed-tensors NVFP4PackedCompressor" if layout == "compressed-tensors"
                                else "code * s8 * g")
+    kl = check["runtime_kl"]
+    if layout == "modelopt":  # transformers does not serve ModelOpt exports: no runtime comparison
+        assert kl is None
+    else:  # the float32 reference student against transformers' bf16 forward: close, not equal
+        assert kl["tokens"] == 128  # the text, cut to the tiny model's max_position_embeddings
+        assert 0.0 <= kl["kl_mean"] <= kl["kl_max"] and math.isfinite(kl["kl_max"])
+        if scheme == "w4a16":
+            assert kl["kl_max"] < 1e-4
+
+
+def test_verify_export_kl_is_zero_for_runtime_arithmetic_in_bf16(tmp_path, tiny_tokenizer):
+    """A student running the runtime's arithmetic in bf16 computes what transformers serves, bit for bit."""
+    export_student(make_student(), tiny_tokenizer, tmp_path / "e")
+    runtime, _ = load_export(tmp_path / "e", arithmetic="runtime")
+    kl = runtime_agreement(tmp_path / "e", to_served_dtype(runtime))
+    assert kl["kl_mean"] == kl["kl_max"] == 0.0 and kl["tokens"] == 128
 
 
 @pytest.mark.parametrize("layout", ["compressed-tensors", "modelopt"])

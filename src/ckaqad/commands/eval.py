@@ -3,7 +3,9 @@
 Suites (`eval.suites.SUITES`): `fidelity` (needs the teacher: held-out KL, perplexity, top-1 agreement,
 per-layer CKA), `humaneval` (canonical-solution NLL and execution pass@k of completions, run in sandboxed
 subprocesses), `lm-eval` (lm-evaluation-harness tasks from local YAML and data). Students are evaluated
-exactly as trained: the fake-quant model (an export is loaded back into one). `--model default` measures
+exactly as trained: the fake-quant model (an export is loaded back into one); `--runtime transformers` instead
+evaluates a compressed-tensors export as transformers serves it (`export.reader.load_served`, bf16).
+`--model default` measures
 the embedded teacher against itself. Writes eval.json, eval.md and results.json atomically.
 """
 
@@ -18,8 +20,9 @@ import torch
 from ckaqad.errors import ConfigError
 from ckaqad.eval.fidelity import HEADLINE
 from ckaqad.eval.suites import NEEDS_TEACHER, SUITES
+from ckaqad.export.reader import load_served
 from ckaqad.files import atomic_directory, check_writable, write_json, write_text
-from ckaqad.models.load import LoadedModel, load_model
+from ckaqad.models.load import LoadedModel, load_model, resolve_device
 from ckaqad.paths import detect, run_teacher_spec
 from ckaqad.report import tables
 from ckaqad.report.results import ModelResult, ResultDir, flat_metrics, write_results
@@ -29,6 +32,7 @@ from ckaqad.students.store import check_vocabulary
 HELP = "evaluate a model, run or export: fidelity to the teacher, HumanEval, lm-eval tasks"
 
 PROMPT_CHOICES = ("auto", "completion", "instruct")
+RUNTIMES = ("ckaqad", "transformers")
 STUDENT_KINDS = ("export", "student", "run")  # `paths.detect` kinds loaded as students of a teacher
 
 
@@ -38,6 +42,8 @@ class Config:
     """model to evaluate: default, a .gguf file, an HF directory, a run, student or export directory"""
     teacher: str | None = None
     """teacher for fidelity (default: the run's teacher, else the embedded model)"""
+    runtime: str = "ckaqad"
+    """ckaqad (the fake-quant student, as trained) or transformers (an export as from_pretrained serves it, bf16)"""
     suite: str = "fidelity,humaneval"
     """comma-separated suites: fidelity, humaneval, lm-eval"""
     tasks: str | None = None
@@ -78,6 +84,10 @@ class Config:
             raise ConfigError(f"--humaneval-prompt must be auto, completion or instruct, got {self.humaneval_prompt!r}")
         if self.humaneval_samples > 1 and self.temperature <= 0:
             raise ConfigError("--humaneval-samples > 1 needs --temperature > 0 (greedy samples are identical)")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"--runtime must be ckaqad or transformers, got {self.runtime!r}")
+        if self.runtime == "transformers" and detect(Path(self.model).expanduser()) != "export":
+            raise ConfigError(f"--runtime transformers evaluates export directories only; {self.model} is not one")
 
     @property
     def suites(self) -> list[str]:
@@ -102,11 +112,21 @@ class EvalModel:
     teacher: LoadedModel | None
 
 
-def load_eval_model(spec: str, teacher_spec: str | None, device, need_teacher: bool) -> EvalModel:
+def load_eval_model(spec: str, teacher_spec: str | None, device, need_teacher: bool,
+                    runtime: str = "ckaqad") -> EvalModel:
     """Any model spec: a run, student or export directory is loaded as a student of its teacher (--teacher,
     else the run's, else the embedded model) with the teacher's tokenizer; `default`, a .gguf or an HF
-    directory is loaded as a model with its own tokenizer (and is its own teacher when it is the default)."""
+    directory is loaded as a model with its own tokenizer (and is its own teacher when it is the default).
+    With runtime `transformers` (exports only), the export is loaded as transformers serves it
+    (`load_served`), with the export's tokenizer."""
     path = Path(spec).expanduser()
+    if runtime == "transformers":
+        teacher_spec = teacher_spec or run_teacher_spec(path) or "default"
+        teacher = load_model(teacher_spec, device=device) if need_teacher else None
+        served, tokenizer = load_served(path, device=resolve_device(device))
+        if teacher is not None:
+            check_vocabulary(served, teacher.model, spec)
+        return EvalModel(served, tokenizer, f"export:{path.name} (transformers)", teacher)
     if detect(path) in STUDENT_KINDS:
         teacher = load_model(teacher_spec or run_teacher_spec(path) or "default", device=device)
         loaded = load_student(path, teacher.model)
@@ -128,7 +148,8 @@ def write_eval(out: Path, payload: dict) -> None:
     d = ResultDir(out)
     write_json(d.eval_json, payload)
     lines = [f"# Evaluation: {payload['label']}", "",
-             f"Model `{payload['model']}`; teacher `{payload.get('teacher')}`; device {payload['device']}; "
+             f"Model `{payload['model']}` (runtime {payload.get('runtime', 'ckaqad')}); "
+             f"teacher `{payload.get('teacher')}`; device {payload['device']}; "
              f"{payload['runtime_s']:.0f} s.", "", *tables.metric_lines(flat_metrics(payload))]
     he = payload.get("humaneval")
     if he:
@@ -147,7 +168,8 @@ def write_eval(out: Path, payload: dict) -> None:
     teacher = {"source": payload.get("teacher")}
     if "teacher_perplexity" in fid:
         teacher["perplexity"] = fid["teacher_perplexity"]
-    meta = {"device": payload["device"], "runtime_s": payload["runtime_s"], "config": payload["config"],
+    meta = {"runtime": payload.get("runtime", "ckaqad"), "device": payload["device"],
+            "runtime_s": payload["runtime_s"], "config": payload["config"],
             **({"token_rule": fid["token_rule"], "data": fid["data"]} if fid else {})}
     write_results(out, "eval", [model], teacher=teacher, meta=meta)
 
@@ -156,11 +178,13 @@ def run(config: Config) -> dict:
     """Evaluate --model with every suite; write --out atomically, print eval.md; return the eval.json payload."""
     out = check_writable(config.out)
     started = time.perf_counter()
-    target = load_eval_model(config.model, config.teacher, config.device, need_teacher=config.needs_teacher)
+    target = load_eval_model(config.model, config.teacher, config.device, need_teacher=config.needs_teacher,
+                             runtime=config.runtime)
     target.model.eval()
     payload: dict = {"model": config.model, "label": target.label,
                      "teacher": target.teacher.source if target.teacher else None,
-                     "device": str(next(target.model.parameters()).device), "config": asdict(config)}
+                     "runtime": config.runtime, "device": str(next(target.model.parameters()).device),
+                     "config": asdict(config)}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=next(target.model.parameters()).is_cuda)
     with autocast:
         for name, suite in SUITES.items():  # registry order, whatever the order of --suite

@@ -49,7 +49,7 @@ class Config:
     shard_size_mb: int = 2048
     """largest safetensors shard in MiB"""
     verify: bool = True
-    """read the export back (compressed-tensors' decompressor and ckaqad's loader) and compare with the student"""
+    """read the export back (compressed-tensors' decompressor, ckaqad's loader, transformers) and compare"""
     device: str | None = None
     """cpu or cuda (default: cuda when available)"""
     data: DataConfig = field(default_factory=DataConfig)
@@ -79,6 +79,14 @@ def _check_source(source: Path) -> None:
         raise CheckpointError(f"{source} has no student checkpoint (no student/ and no complete checkpoint)")
 
 
+def _runtime_kl_text(kl: dict | None) -> str:
+    """The verify line's fixed-text comparison with the transformers runtime ("" when there is none)."""
+    if kl is None:
+        return ""
+    return (f"; KL(ckaqad \u2016 transformers runtime) = {kl['kl_mean']:.3e} nats/token "
+            f"(max {kl['kl_max']:.3e}) on {kl['tokens']} tokens")
+
+
 def run(config: Config) -> ExportSummary:
     """Rebuild the student on its teacher's architecture, write the export, print its summary and check it."""
     out_dir = Path(config.out).expanduser()
@@ -104,5 +112,6 @@ def run(config: Config) -> ExportSummary:
         worst = check["max_relative_weight_difference"]
         print(f"verified {check['layers']} quantized layers: codes and FP8 block scales equal the student's; "
               f"{check['reader']} {check['reader_agreement']} (max relative difference {worst:.2e}); "
-              f"ckaqad.export.reader.load_export bit-exact on {check['load_bit_exact_layers']}/{check['layers']}")
+              f"ckaqad.export.reader.load_export bit-exact on {check['load_bit_exact_layers']}/{check['layers']}"
+              + _runtime_kl_text(check["runtime_kl"]))
     return summary

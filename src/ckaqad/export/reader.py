@@ -182,3 +182,23 @@ def load_export(export_dir: str | os.PathLike, device: str | torch.device = "cpu
     tokenizer = load_tokenizer(root)
     model.to(torch.device(device)).eval().requires_grad_(False)
     return model, tokenizer
+
+
+def load_served(export_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+    """A compressed-tensors export loaded exactly as a user of transformers loads it:
+    `AutoModelForCausalLM.from_pretrained(dir, dtype=torch.bfloat16, local_files_only=True)` (transformers'
+    compressed-tensors integration decompresses the NVFP4 weights), in eval mode without gradients, with the
+    export's tokenizer. ExportError for a ModelOpt export (transformers does not serve that layout) or a load
+    that fails."""
+    from transformers import AutoModelForCausalLM
+
+    info = inspect_export(export_dir)
+    if info.layout.name != "compressed-tensors":
+        raise ExportError(f"{info.root} is a {info.layout.name} export; the transformers runtime reads "
+                          "compressed-tensors exports only")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(info.root), dtype=torch.bfloat16, local_files_only=True)
+    except Exception as exc:  # transformers and compressed-tensors raise many types for unreadable checkpoints
+        raise ExportError(f"transformers cannot load {info.root}: {exc}") from exc
+    model.to(torch.device(device)).eval().requires_grad_(False)
+    return model, load_tokenizer(info.root)

@@ -1,5 +1,6 @@
 """Checking an export against the student it was written from, the way serving stacks read it
-(`verify_export`)."""
+(`verify_export`), and how far the student's forward is from what transformers serves for it
+(`runtime_agreement`, on the fixed text `AGREEMENT_TEXT`; also used by benchmarks/runtime_agreement.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,63 @@ from torch import nn
 
 from ckaqad.errors import ExportError
 from ckaqad.export.compress import check_nvfp4_student
-from ckaqad.export.reader import inspect_export, load_export, read_tensors
+from ckaqad.export.reader import inspect_export, load_export, load_served, read_tensors
 from ckaqad.formats import nvfp4
 from ckaqad.formats.e2m1 import e2m1_grid
 from ckaqad.quant.apply import cached_quantized_weights, quant_linears
+
+# A fixed English + Python text (~200 tokens for a BPE tokenizer; written for this, not from the project's
+# corpus) that `runtime_agreement` runs through the student and the served model.
+AGREEMENT_TEXT = '''\
+The lighthouse keeper wrote in his log every evening, whether or not anything had happened. On calm nights
+the entries were short: wind from the west, sea slight, lamp lit at dusk. When a storm came through, he wrote
+longer, describing the colour of the sky and the sound the waves made against the rocks below the tower.
+
+def moving_average(values, window):
+    """Return the running mean of `values` over `window` items."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    total = 0.0
+    out = []
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+print(moving_average([3, 1, 4, 1, 5, 9, 2, 6], 3))
+'''
+
+
+def kl_per_token(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) at every position, float64, nats."""
+    logp = torch.log_softmax(p_logits.double(), dim=-1)
+    logq = torch.log_softmax(q_logits.double(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1).flatten()
+
+
+@torch.no_grad()
+def runtime_agreement(export_dir: str | os.PathLike, student: nn.Module) -> dict:
+    """KL(student ‖ transformers runtime) per token on `AGREEMENT_TEXT`, tokenized by the export's tokenizer
+    (at most the model's `max_position_embeddings` tokens): the student as given (as trained: its own
+    arithmetic and dtype) against `load_served(export_dir)` (bf16, compressed-tensors), both on the student's
+    device without autocast. Returns the mean and max KL (nats/token) and the token count."""
+    device = next(student.parameters()).device
+    served, tokenizer = load_served(export_dir, device)
+    ids = tokenizer(AGREEMENT_TEXT, return_tensors="pt")["input_ids"]
+    limit = getattr(served.config, "max_position_embeddings", None)
+    ids = ids[:, :limit].to(device) if limit else ids.to(device)
+    served_logits = served(input_ids=ids).logits
+    del served
+    was_training = student.training
+    student.eval()
+    try:
+        student_logits = student(input_ids=ids).logits
+    finally:
+        student.train(was_training)
+    kl = kl_per_token(student_logits, served_logits)
+    return {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(), "tokens": int(ids.shape[1])}
 
 
 def _agrees(dense: torch.Tensor, reference: torch.Tensor, exact: bool) -> bool:
@@ -31,8 +85,10 @@ def verify_export(export_dir: str | os.PathLike, student: nn.Module) -> dict:
     must equal those of the student's weights, and the weight the layout's serving reader dequantizes
     (compressed-tensors' `NVFP4PackedCompressor`, what transformers and llm-compressor call: within one ulp
     of its dtype; ModelOpt's `code · s8 · g`: exact) must match the student's fake-quantized weight. Then
-    `load_export` must give back the student's quantized weights bit for bit. Returns the counts and worst
-    differences; ExportError if any check fails.
+    `load_export` must give back the student's quantized weights bit for bit. For a compressed-tensors
+    export, `runtime_agreement` then measures KL(student ‖ transformers runtime) on a fixed text
+    (`runtime_kl`: mean, max, tokens; None for ModelOpt). Returns the counts and worst differences;
+    ExportError if any check fails.
     """
     from compressed_tensors.compressors.nvfp4 import unpack_fp4_from_uint8
 
@@ -73,7 +129,8 @@ def verify_export(export_dir: str | os.PathLike, student: nn.Module) -> dict:
         failures.append(f"load: {len(layers) - exact} layers' quantized weights differ from the student's")
     if failures:
         raise ExportError(f"{info.root} does not match the student: {'; '.join(failures[:3])}")
-    return {"layers": len(layers), "codes_and_block_scales_equal": len(layers),
+    runtime_kl = runtime_agreement(info.root, student) if layout.name == "compressed-tensors" else None
+    return {"runtime_kl": runtime_kl, "layers": len(layers), "codes_and_block_scales_equal": len(layers),
             "reader": layout.serving_reader,
             "reader_agreement": "exact" if layout.serving_exact else f"within one {reader_dtype} ulp",
             "max_relative_weight_difference": worst_rel, "load_bit_exact_layers": exact}

@@ -13,7 +13,7 @@
                  "lm_eval": {task: {metric: value}} | {},
                  "training": {median_step_s, tokens_per_s, peak_memory_mb, final_loss} | {},
                  "quantization": {QuantReport fields or the student's meta} | {}}, ...],
-     "meta": {...}}            # data, device, token_rule, runtime_s, config, ...
+     "meta": {...}}            # data, device, token_rule, runtime_s, config, (eval) runtime, ...
 
 Each command also keeps its own documented files (diagnosis.json, eval.json, report.json); `read_results`
 reads those too, for directories written before results.json existed.
