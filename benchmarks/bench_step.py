@@ -7,6 +7,14 @@ over repeats after warm-up, random weights (speed does not depend on them). MFU 
 the same process (bf16 8192³ on GPU, fp32 1024³ on CPU).
 
     python benchmarks/bench_step.py [--json out.json] [--shape NAME]  # GPU: SmolLM2-135M, 1B Llama; CPU: small
+
+Distributed mode (`--distributed`): the same step under FSDP2 (parallel/fsdp.py: student sharded per block,
+teacher replicated), the batch being the global batch split over the processes; tokens/s of the whole job,
+and per rank the peak memory (CUDA: max_memory_allocated; CPU: the process's peak RSS, VmHWM, which includes
+building the models) and the bytes of its student shards, gradients and AdamW state:
+
+    python benchmarks/bench_step.py --distributed --shape cpu-small               # 1 process
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_step.py --distributed --shape cpu-small
 """
 
 from __future__ import annotations
@@ -121,6 +129,101 @@ def measure(shape: ModelShape, device: torch.device, loss: str, scheme: str, rep
             "flops_per_s": 8 * n_params * tokens / seconds, "params": n_params}
 
 
+def process_peak_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA's allocator peak, or the peak resident set (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_distributed(shape: ModelShape, device: torch.device, loss: str, scheme: str, repeats: int) -> dict:
+    """One step under the process group of this launch (or a plain process): global tokens/s, and this rank's
+    peak memory and shard bytes, gathered on every rank."""
+    import torch.distributed as dist
+
+    from ckaqad.parallel.dist import current_world
+    from ckaqad.parallel.fsdp import local_bytes, optimizer_local_bytes, shard_model
+    from ckaqad.train.trainer import make_captures, make_optimizer, train_step
+
+    world = current_world()
+    trainee, batch, n_params = build(shape, device, loss, scheme)
+    if world.distributed:
+        shard_model(trainee.student, device, trainable=True)
+        trainee.optimizer, trainee.scheduler = make_optimizer(trainee.student, trainee.config)
+        trainee.world = world
+    captures = make_captures(trainee)
+    global_batch = {k: v.cpu() for k, v in batch.items()}
+
+    def endless():
+        while True:
+            yield global_batch
+
+    data, step = endless(), [0]
+
+    def one_step():
+        train_step(trainee, step[0], data, captures)
+        step[0] += 1
+
+    seconds = time_fn(one_step, device, warmup=2, repeats=repeats)
+    if world.distributed:  # the slowest rank sets the pace
+        t = torch.tensor([seconds], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        seconds = float(t)
+    # the state right after a backward and an optimizer step (gradients are dropped by train_step)
+    held = local_bytes(trainee.student)["parameters"] + optimizer_local_bytes(trainee.optimizer)
+    mine = {"rank": world.rank, "peak_mb": process_peak_mb(device), "state_mb": held / 2**20}
+    ranks = [mine]
+    if world.distributed:
+        ranks = [None] * world.size
+        dist.all_gather_object(ranks, mine)
+    captures.remove()
+    tokens = shape.batch * shape.seq
+    return {"processes": world.size, "step_ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
+            "tokens_per_s_per_process": tokens / seconds / world.size, "params": n_params, "ranks": ranks}
+
+
+def main_distributed(args) -> dict:
+    import torch.distributed as dist
+
+    from ckaqad.parallel.dist import init_world, shutdown
+
+    wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    world, created = init_world(wanted, 600.0)
+    device = torch.device(world.device(wanted))
+    shapes = tuple(SHAPES[name] for name in args.shape) if args.shape else (CPU_SMALL,)
+    if args.quick:
+        shapes = (ModelShape("tiny", 64, 128, 2, 4, 2, 512, 2, 32, 32),)
+    repeats = 2 if args.quick else args.repeats
+    rows, records = [], []
+    try:
+        for shape in shapes:
+            if shape.batch % world.size:
+                raise SystemExit(f"batch {shape.batch} of {shape.name} does not split over {world.size} processes")
+            for loss in ("kl", "kl+cka"):
+                r = measure_distributed(shape, device, loss, args.scheme, repeats)
+                peaks = "/".join(f"{x['peak_mb']:.0f}" for x in r["ranks"])
+                states = "/".join(f"{x['state_mb']:.1f}" for x in r["ranks"])
+                rows.append([shape.name, world.size, f"{shape.batch}x{shape.seq}", loss, r["step_ms"],
+                             r["tokens_per_s"], r["tokens_per_s_per_process"], peaks, states])
+                records.append({**asdict(shape), "loss": loss, **r})
+        header = {**device_header(device), "scheme": args.scheme, "processes": world.size,
+                  "peak": "max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"}
+        payload = {"header": header, "results": records}
+        if world.is_main:
+            print_table("QAD step across processes (FSDP2)", header,
+                        ["model", "procs", "global batch", "loss", "step ms", "tokens/s", "tokens/s/proc",
+                         "peak MB per rank", "state MB per rank"], rows)
+            write_json(args.json, payload)
+    finally:
+        if created:
+            dist.barrier()
+        shutdown(created)
+    return payload
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
@@ -129,7 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="one tiny shape, 2 repeats (CI)")
     parser.add_argument("--shape", action="append", choices=sorted(SHAPES),
                         help="model shape(s) to run (default: smollm2 and llama-1b on GPU, cpu-small on CPU)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="FSDP2 across the processes of this launch (torchrun), or 1 plain process")
     args = parser.parse_args(argv)
+    if args.distributed:
+        return main_distributed(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = (SMOLLM2, LLAMA_1B) if device.type == "cuda" and not args.quick else (CPU_SMALL,)
     if args.shape:

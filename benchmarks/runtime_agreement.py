@@ -1,9 +1,10 @@
 """How far ckaqad's forward of an NVFP4 export is from what the compressed-tensors runtime serves.
 
-For the embedded model (SmolLM2-135M, fp32 on CPU) and each scheme (W4A4, W4A16): build the PTQ student
-(`build_ptq_student`, default QuantConfig, calibrated on the built-in corpus at seq_len 256), export it in the
-compressed-tensors layout to `<exports>/<scheme>`, and run one fixed English + Python text (~200 tokens,
-`ckaqad.export.verify.AGREEMENT_TEXT`, not from the project's corpus) through
+For the embedded model (SmolLM2-135M, fp32 on CPU) and each row: PTQ students (`build_ptq_student`, default
+QuantConfig, calibrated on the built-in corpus at seq_len 256) in W4A4 and W4A16, a W4A4 one with power-of-two
+global scales (`--global-scale pow2`), and a W4A4 CKA-QAD run of 4 steps (batch 4, seq_len 128, lr 5e-5); each
+exported in the compressed-tensors layout to `<exports>/<row>`, and one fixed English + Python text (~200 tokens,
+`ckaqad.export.verify.AGREEMENT_TEXT`, not from the project's corpus) run through
 
 * `ref`: ckaqad `load_export(dir)` (reference arithmetic, float32),
 * `rt`: ckaqad `load_export(dir, arithmetic="runtime")` in bf16 (`to_served_dtype`),
@@ -25,14 +26,19 @@ from pathlib import Path
 import torch
 import transformers
 
+from ckaqad.commands import distill
 from ckaqad.data.blocks import DataConfig, load_blocks
 from ckaqad.export.reader import load_export, to_served_dtype
 from ckaqad.export.verify import AGREEMENT_TEXT as TEXT
 from ckaqad.export.verify import kl_per_token
 from ckaqad.export.writer import export_student
 from ckaqad.models.load import load_model
+from ckaqad.objectives.compose import ObjectiveConfig
+from ckaqad.quant.apply import freeze_scales
 from ckaqad.quant.linear import QuantConfig
 from ckaqad.students.spec import build_ptq_student
+from ckaqad.train import trainer
+from ckaqad.train.trainer import TrainConfig
 
 
 @torch.no_grad()
@@ -40,11 +46,33 @@ def run_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits
 
 
-def measure(scheme: str, teacher, tokenizer, blocks, model_dir: Path, exports: Path, ids: torch.Tensor,
-            teacher_logits: torch.Tensor) -> dict:
-    student, _ = build_ptq_student(teacher, QuantConfig(scheme=scheme), blocks)
-    out = exports / scheme
-    export_student(student, tokenizer, out, overwrite=True, teacher_dir=model_dir)
+# row -> (scheme, global scale, CKA-QAD steps): PTQ students, a pow2 one, and a short CKA-QAD run.
+ROWS = {"w4a4": ("w4a4", "exact", 0), "w4a16": ("w4a16", "exact", 0), "w4a4-pow2": ("w4a4", "pow2", 0),
+        "w4a4-cka-qad-4": ("w4a4", "exact", 4)}
+
+
+def make_student(row: str, loaded, blocks, work: Path):
+    scheme, global_scale, steps = ROWS[row]
+    quant = QuantConfig(scheme=scheme, global_scale=global_scale)
+    if not steps:
+        return build_ptq_student(loaded.model, quant, blocks)[0]
+    config = distill.Config(out=str(work / f"run-{row}"), device="cpu", quant=quant,
+                            objective=ObjectiveConfig(loss="kl+cka"),
+                            train=TrainConfig(steps=steps, lr=5e-5, batch_size=4, cka_tokens=256, eval_every=10_000,
+                                              eval_blocks=8, progress=False),
+                            data=DataConfig(seq_len=128))
+    trainee, _ = distill.build_trainee(config, loaded)
+    trainer.train(trainee)
+    student = trainee.student.requires_grad_(False)
+    freeze_scales(student)
+    return student
+
+
+def measure(row: str, loaded, blocks, exports: Path, ids: torch.Tensor, teacher_logits: torch.Tensor) -> dict:
+    tokenizer = loaded.tokenizer
+    student = make_student(row, loaded, blocks, exports)
+    out = exports / row
+    export_student(student, tokenizer, out, overwrite=True, teacher_dir=loaded.model_dir)
     del student
     ref, _ = load_export(out)
     logits = {"ref": run_logits(ref, ids)}
@@ -81,9 +109,8 @@ def main() -> None:
     teacher_logits = run_logits(teacher, ids)
     results = {"model": loaded.source, "tokens": ids.shape[1], "torch": torch.__version__,
                "transformers": transformers.__version__, "schemes": {}}
-    for scheme in ("w4a4", "w4a16"):
-        results["schemes"][scheme] = measure(scheme, teacher, tokenizer, blocks, loaded.model_dir, args.exports,
-                                             ids, teacher_logits)
+    for row in ROWS:
+        results["schemes"][row] = measure(row, loaded, blocks, args.exports, ids, teacher_logits)
     args.out.write_text(json.dumps(results, indent=2))
 
     print(f"{results['model']}, {results['tokens']} tokens; KL in nats/token, mean (max)")

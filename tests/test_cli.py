@@ -26,9 +26,10 @@ from ckaqad.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 # The spec: every command of `ckaqad`, in the order `ckaqad --help` lists them.
-COMMAND_NAMES = ["diagnose", "distill", "demo", "eval", "compare", "export"]
+COMMAND_NAMES = ["diagnose", "distill", "demo", "eval", "compare", "export", "rl", "damage", "recover", "study", "plan"]
 # Flags each command's Config needs before it validates (exactly one export source, at least one compare dir).
-REQUIRED = {"export": ["--ptq"], "compare": ["somewhere"]}
+REQUIRED = {"export": ["--ptq"], "compare": ["somewhere"], "damage": ["--kind", "magnitude"],
+            "recover": ["--student", "somewhere"], "study": ["study.yaml"]}
 
 FIELD_DOC = re.compile(r'^    (\w+): [^\n]*\n    """([^\n]*)"""$', re.M)
 
@@ -183,14 +184,19 @@ def test_flags_equal_the_dataclass_fields(capsys, monkeypatch, command):
 @pytest.mark.parametrize("command", COMMAND_NAMES)
 def test_help_is_the_field_docstring_and_default(capsys, monkeypatch, command):
     entries = help_entries(help_text(capsys, monkeypatch, [command, "--help"]))
+    # The command's own defaults: a nested config may be built with other values than its class defaults.
+    base = REQUIRED.get(command, [])
+    defaults = cli.parse(command, base)
     for cls, f in leaf_fields(COMMANDS.get(command).Config):
         doc = documented_fields(cls).get(f.name)
         assert doc, f"{cls.__name__}.{f.name} has no docstring"
-        default = default_of(f)
-        key = f.name if default is dataclasses.MISSING else flag(f.name)
-        shown = "" if default is dataclasses.MISSING else tyro_default_text(default)
+        required = default_of(f) is dataclasses.MISSING
+        key = f.name if required else flag(f.name)
+        default = default_of(f) if required or key in base else get_leaf(defaults, f.name)
+        # tyro marks a required positional "(required)" or, for a variadic one, shows an empty default
+        shown = ["(required)", "(default: )"] if required else [f"(default: {tyro_default_text(default)})"]
         # tyro wraps help at spaces and after commas: compare without the whitespace
-        assert re.sub(r"\s", "", entries[key]) == re.sub(r"\s", "", f"{doc} (default: {shown})"), key
+        assert re.sub(r"\s", "", entries[key]) in {re.sub(r"\s", "", f"{doc} {s}") for s in shown}, key
 
 
 def get_leaf(config, name: str):
@@ -382,6 +388,7 @@ NOT_COMMAND_LINES = {
     "ckaqad COMMAND --help": "COMMAND stands for any command",
     "ckaqad eval --model default|HF dir|.gguf|run|student|export": "lists the kinds of --model",
     "ckaqad compare DIR...": "DIR... stands for result directories",
+    "ckaqad study": "names the command (its YAML file is required)",
 }
 
 
@@ -389,16 +396,21 @@ def documented_command_lines() -> list[tuple[str, str]]:
     """(file:line, command line) of every `ckaqad ...` in a code block or in backticks, shell comments cut."""
     found = []
     for path in DOCS:
-        in_block = False
+        in_block, continued = False, ""
         for number, line in enumerate(path.read_text().splitlines(), 1):
             where = f"{path.relative_to(ROOT)}:{number}"
             if line.lstrip().startswith("```"):
                 in_block = not in_block
                 continue
+            if in_block and continued:
+                line = continued + " " + line.lstrip()
+            continued = line[:-1].rstrip() if in_block and line.endswith("\\") else ""
+            if continued:
+                continue
             pieces = [line.split(" #")[0]] if in_block else re.findall(r"`([^`]*)`", line)
             for piece in pieces:
                 match = re.search(r"(?:^|\s)(ckaqad\s+\S.*?)\s*$", piece)
-                if match:
+                if match and "$" not in match.group(1):  # a line of a shell loop is a template
                     found.append((where, match.group(1)))
     return found
 

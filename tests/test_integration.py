@@ -16,8 +16,8 @@ from ckaqad.capture import valid_token_mask
 from ckaqad.data.blocks import build_blocks, eval_batches
 from ckaqad.data.documents import stdlib_documents
 from ckaqad.eval.fidelity import measure_fidelity
-from ckaqad.export.reader import load_export
-from ckaqad.export.verify import verify_export
+from ckaqad.export.reader import load_export, to_served_dtype
+from ckaqad.export.verify import runtime_agreement, verify_export
 from ckaqad.export.writer import export_student
 from ckaqad.models import load as models
 from ckaqad.quant.apply import calibrate, quant_linears, quantize_model_
@@ -127,3 +127,7 @@ def test_export_reloads_bit_exact(teacher, blocks, students, tmp_path):
     # The export stores unquantized tensors (norms, embeddings) in bf16 and the cached teacher is bf16, so the
     # reloaded student reproduces the in-memory one exactly.
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # The runtime arithmetic in bf16 is what transformers + compressed-tensors serve, bit for bit.
+    runtime, _ = load_export(tmp_path / "export", arithmetic="runtime")
+    agreement = runtime_agreement(tmp_path / "export", to_served_dtype(runtime))
+    assert agreement["kl_mean"] == agreement["kl_max"] == 0.0 and agreement["tokens"] > 150

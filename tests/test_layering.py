@@ -13,8 +13,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "ckaqad"
 # Top to bottom: a module may import from its own package and from those listed before it.
 ORDER = ("__init__", "errors", "registry", "paths", "files", "formats", "models", "quant", "cka", "capture",
-         "objectives", "data", "export", "students", "parallel", "train", "eval", "report", "commands", "cli",
-         "__main__")
+         "objectives", "data", "export", "students", "parallel", "train", "eval", "damage", "rl", "report",
+         "commands", "cli", "__main__")
 
 
 def module_name(path: Path) -> str:

@@ -3,12 +3,14 @@
 Sink positions (the first `n_sink` real tokens of each sequence, where LLMs park massive activations),
 BOS tokens and padding are excluded by default: with them, CKA on SmolLM2 reads 0.999 flat and hides drift
 (docs/method.md#cka). Student and teacher always use the same rows. A `LayerMap` pairs student blocks with
-teacher blocks, so a student of another depth (a pruned one) is compared block to block.
+teacher blocks, so a student of another depth (a pruned one) is compared block to block. Under torchrun the
+rows are sampled on the global batch and each rank keeps its share (`rank_rows`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -118,12 +120,15 @@ class LayerCapture:
         self.layers = list(layers)
         self.rows: torch.Tensor | None = None
         self.detach = detach
+        self.active = True
         self.states: dict[int, torch.Tensor] = {}
         blocks = decoder_layers(model)
         self._handles = [blocks[i].register_forward_hook(self._hook(i)) for i in self.layers]
 
     def _hook(self, index: int):
         def hook(module, args, output):
+            if not self.active:
+                return
             hidden = output[0] if isinstance(output, tuple) else output  # (B, T, d)
             flat = hidden.reshape(-1, hidden.shape[-1])
             if self.rows is not None:
@@ -134,6 +139,17 @@ class LayerCapture:
 
     def clear(self) -> None:
         self.states = {}
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No capture during the block (a held-out evaluation between steps: its batches have other shapes
+        than the training rows index), and nothing kept from it."""
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
+            self.states = {}
 
     def take(self) -> dict[int, torch.Tensor]:
         """The states of the last forward, and clear them."""
@@ -150,3 +166,13 @@ class LayerCapture:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def rank_rows(rows: torch.Tensor, rank: int, world: int, rows_per_rank: int) -> tuple[torch.Tensor, list[int]]:
+    """(this rank's rows as indices into its own slice, every rank's row count) from sorted flat `rows` of the
+    global batch, whose rank slices hold `rows_per_rank` token rows each (b·T). The rows are sampled on the
+    global batch, so they are a pure function of (seed, step, micro) and each rank's share of (…, rank); in
+    rank order the shares are the global rows."""
+    owner = torch.div(rows, rows_per_rank, rounding_mode="floor")
+    counts = torch.bincount(owner, minlength=world).tolist()
+    return rows[owner == rank] - rank * rows_per_rank, counts

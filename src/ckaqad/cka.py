@@ -15,6 +15,7 @@ estimator (Song et al. 2012) as in Nguyen, Raghu & Kornblith 2021, written witho
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 _EPS = 1e-12
 
@@ -150,3 +151,56 @@ class CKAAccumulator:
             return float("nan")
         xy, xx, yy = (self._hsic / self.batches).tolist()
         return float(xy / max(xx * yy, _EPS) ** 0.5)
+
+
+# ------------------------------------------------------------------------------------------ across ranks
+# The CKA of a global batch is the CKA of the union of every rank's rows: CKA is a ratio of norms, so the
+# mean of per-rank CKAs is another (biased) quantity. The rows are gathered rather than the sufficient
+# statistics all-reduced: N·m rows of width d cost less to send than the d² entries of XᵀX, YᵀY and YᵀX once d
+# exceeds the rows (d = 576..8192 against 1024 rows a micro-batch), and `linear_cka` then runs on exactly the
+# rows one process would see, so every form (feature, Gram, debiased) gives the single-process value.
+# The collective is a small autograd function over `dist.all_gather`/`dist.all_reduce`:
+# torch.distributed.nn.functional.all_gather does the same but is deprecated in torch 2.13 (for a private API).
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, counts: tuple[int, ...], group) -> torch.Tensor:
+        width = max(counts)
+        padded = torch.cat([x, x.new_zeros(width - x.shape[0], *x.shape[1:])]) if x.shape[0] < width else x
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        ctx.counts, ctx.rank, ctx.group = counts, dist.get_rank(group), group
+        return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # Every rank computed the same loss from the gathered rows, so each holds the whole gradient; their
+        # mean (all_gather's own backward is the sum) is the single-process gradient of every row.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        start = sum(ctx.counts[:ctx.rank])
+        return grad[start:start + ctx.counts[ctx.rank]] / len(ctx.counts), None, None
+
+
+def gather_rows(x: torch.Tensor, counts: list[int], group=None) -> torch.Tensor:
+    """Every rank's rows of `x` (n_r, d) concatenated in rank order, differentiable: the gradient that reaches
+    this rank's `x` is exactly the single-process gradient of a loss every rank computes from the result.
+
+    `counts[r]` is rank r's number of rows (every rank knows them: the rows are sampled from the global batch);
+    ranks with fewer rows are padded for the collective and trimmed after it. Without a process group this
+    returns `x`.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    world = dist.get_world_size(group)
+    if len(counts) != world or counts[dist.get_rank(group)] != x.shape[0]:
+        raise ValueError(f"gather_rows: counts {counts} do not match {world} ranks and {x.shape[0]} local rows")
+    return _GatherRows.apply(x, tuple(int(c) for c in counts), group)
+
+
+def distributed_linear_cka(x: torch.Tensor, y: torch.Tensor, counts: list[int], debiased: bool = False,
+                           group=None) -> torch.Tensor:
+    """`linear_cka` over the union of every rank's rows (x: this rank's (n_r, d1), y: (n_r, d2)); the same value
+    on every rank, and each rank's `x` receives its rows' part of the single-process gradient."""
+    return linear_cka(gather_rows(x, counts, group), gather_rows(y, counts, group), debiased=debiased)

@@ -258,3 +258,154 @@ def run_teacher_spec(path: str | Path) -> str | None:
     except (OSError, yaml.YAMLError) as exc:
         raise CheckpointError(f"cannot read {run.config}: {exc}") from exc
     return saved.get("teacher") if isinstance(saved, dict) else None
+
+
+@dataclass(frozen=True)
+class DamageDir:
+    """`ckaqad damage --out`: an HF model directory (a student directory for `--kind nvfp4`) with its damage
+    report; `ckaqad_sparsity.json` (the measured sparsity pattern) also sits in a recovered pruned student."""
+
+    root: Path
+    REPORT = "ckaqad_damage.json"
+    REPORT_MD = "damage.md"
+    SPARSITY = "ckaqad_sparsity.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / self.REPORT
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / self.REPORT_MD
+
+    @property
+    def sparsity(self) -> Path:
+        return self.root / self.SPARSITY
+
+    def exists(self) -> bool:
+        return self.report.is_file()
+
+
+@dataclass(frozen=True)
+class RecoveryDir:
+    """The recovery report of `ckaqad recover` (in its run directory) and of `ckaqad demo --recovery`."""
+
+    root: Path
+    JSON = "recovery.json"
+    MD = "recovery.md"
+    HTML = "recovery.html"
+    HEATMAP = "recovery_cka.png"
+    SCATTER = "recovery_scatter.png"
+
+    @property
+    def json(self) -> Path:
+        return self.root / self.JSON
+
+    @property
+    def md(self) -> Path:
+        return self.root / self.MD
+
+    @property
+    def html(self) -> Path:
+        return self.root / self.HTML
+
+    @property
+    def heatmap(self) -> Path:
+        return self.root / self.HEATMAP
+
+    @property
+    def scatter(self) -> Path:
+        return self.root / self.SCATTER
+
+
+@dataclass(frozen=True)
+class StudyDir:
+    """`ckaqad study`: one directory per cell under cells/ (a distill run, plus cell.json once evaluated), and
+    the aggregate study.json / study.md / study.html with its plots."""
+
+    root: Path
+    JSON = "study.json"
+    MD = "study.md"
+    HTML = "study.html"
+    CELL = "cell.json"
+    LAYERS_PLOT = "study_cka_layers.png"
+
+    @property
+    def json(self) -> Path:
+        return self.root / self.JSON
+
+    @property
+    def md(self) -> Path:
+        return self.root / self.MD
+
+    @property
+    def html(self) -> Path:
+        return self.root / self.HTML
+
+    @property
+    def cells(self) -> Path:
+        return self.root / "cells"
+
+    @property
+    def layers_plot(self) -> Path:
+        return self.root / self.LAYERS_PLOT
+
+    @staticmethod
+    def metric_plot_name(metric: str) -> str:
+        return "study_" + "".join(c if c.isalnum() else "_" for c in metric) + ".png"
+
+
+@dataclass(frozen=True)
+class RLRunDir(RunDir):
+    """`ckaqad rl`: a RunDir (config.yaml, metrics.jsonl, tensorboard/, checkpoints/, summary.json) whose result
+    is `model/`, an ordinary HF model directory (weights, config, tokenizer, ckaqad_rl.json) that any command
+    takes as `--teacher RUN/model`, with the curves in rl_curves.png."""
+
+    RL_META = "ckaqad_rl.json"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def curves(self) -> Path:
+        return self.root / "rl_curves.png"
+
+
+@dataclass(frozen=True)
+class ShardedCheckpointDir:
+    """A checkpoint written by the N processes of a torchrun job with torch.distributed.checkpoint (DCP), at
+    the same `run/checkpoints/step-N/` place as a `CheckpointDir`:
+
+        dcp/            the student's and optimizer's shards (`__R_0.distcp`, one per rank) and `.metadata`
+        architecture/   config.json and ckaqad_student.json: the student directory without its weights
+        rng.safetensors, state.json, COMPLETE (written last, by rank 0, after every rank has saved)
+
+    DCP reshards on load, so it resumes at any number of processes (one plain process included)."""
+
+    root: Path
+    DCP = "dcp"
+    ARCHITECTURE = "architecture"
+
+    @property
+    def dcp(self) -> Path:
+        return self.root / self.DCP
+
+    @property
+    def architecture(self) -> StudentDir:
+        return StudentDir(self.root / self.ARCHITECTURE)
+
+    @property
+    def rng(self) -> Path:
+        return self.root / CheckpointDir.RNG
+
+    @property
+    def state(self) -> Path:
+        return self.root / CheckpointDir.STATE
+
+    @property
+    def marker(self) -> Path:
+        return self.root / COMPLETE_MARKER
+
+    def is_sharded(self) -> bool:
+        return (self.dcp / ".metadata").is_file()

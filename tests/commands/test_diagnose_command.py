@@ -70,8 +70,8 @@ def test_ptq_options_are_quant_config_without_format_and_scheme():
 
 def test_config_fields_and_flat_record():
     names = [f.name for f in dataclasses.fields(Config)]
-    assert names == ["teacher", "student", "format", "scheme", "eval_blocks", "batch_size", "n_sink", "device",
-                     "seed", "out", "quant", "data"]
+    assert names == ["teacher", "student", "format", "scheme", "eval_blocks", "batch_size", "n_sink", "bootstrap",
+                     "massive_factor", "device", "seed", "out", "quant", "data"]
     assert all(field_docs(Config).get(n) for n in names if n not in ("quant", "data"))
     flat = Config(format="nvfp4,mxfp4").flat()
     assert flat["format"] == "nvfp4,mxfp4" and flat["calib_batches"] == 4 and flat["seq_len"] == 256
@@ -129,7 +129,11 @@ def test_run_diagnose_writes_json_markdown_and_plot(files, tmp_path):
     md = (out / "diagnosis.md").read_text()
     assert md.startswith(f"# Diagnosis: {files / 'teacher'}")
     assert "| nvfp4-w4a4 | " in md and "![per-layer CKA](cka_layers.png)" in md
-    assert sum(line.startswith(("| 0 |", "| 1 |")) for line in md.splitlines()) == N_LAYERS
+    # A row per layer in the CKA table, the bootstrap-interval table and the massive-activation table.
+    assert sum(line.startswith(("| 0 |", "| 1 |")) for line in md.splitlines()) == 3 * N_LAYERS
+    assert "95% bootstrap intervals" in md and "## Massive activations (teacher)" in md
+    assert all(row["cka_low"] <= row["cka"] <= row["cka_high"] for row in variant["layers"])
+    assert [row["layer"] for row in report["teacher"]["massive"]] == list(range(N_LAYERS))
     assert (out / "cka_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "diagnosis.html").read_text()
     assert page.startswith("<!doctype html>") and "<table>" in page and 'src="cka_layers.png"' in page

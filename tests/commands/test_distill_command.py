@@ -32,6 +32,7 @@ from ckaqad.errors import CheckpointError, CkaqadError, ConfigError, DataError, 
 from ckaqad.models.load import load_model
 from ckaqad.objectives import kl as kl_objective
 from ckaqad.objectives.compose import ObjectiveConfig
+from ckaqad.parallel.config import ParallelConfig
 from ckaqad.paths import RunDir
 from ckaqad.quant.linear import QuantConfig
 from ckaqad.report.plots import plot_run
@@ -100,7 +101,8 @@ def base_config(workdir: Path, out: Path, loss: str = "kl+cka", save_every: int 
     return distill.Config(
         **{k: v for k, v in fields.items() if k in TOP_FIELDS},
         train=TrainConfig(**{k: v for k, v in fields.items() if k in TRAIN_FIELDS}),
-        objective=ObjectiveConfig(loss=loss), quant=QuantConfig(calib_batch_size=2),
+        # high_precision "train": the golden curve predates frozen bf16 norms (the export test covers those).
+        objective=ObjectiveConfig(loss=loss), quant=QuantConfig(calib_batch_size=2, high_precision="train"),
         data=data or DataConfig(data=str(workdir / "data.txt"), seq_len=SEQ_LEN),
         checkpoint=CheckpointConfig(save_every=save_every, keep_last=keep_last))
 
@@ -217,6 +219,17 @@ def test_resume_needs_a_run_directory_with_a_checkpoint(workdir, straight, tmp_p
 
 
 # ------------------------------------------------------------------------------------------ does it learn
+
+
+def test_heldout_evaluation_in_batches_smaller_than_the_training_batch(workdir, loaded, tmp_path):
+    """The CKA hooks are paused during the held-out evaluation: its last batch (3 of 4 blocks) is smaller than a
+    training batch, whose token rows the hooks would otherwise index it with."""
+    config = base_config(workdir, tmp_path / "small-eval", steps=2, batch_size=4, cka_tokens=64, eval_every=1,
+                         eval_blocks=3, save_every=100)
+    run, _ = distill.build_trainee(config, teacher_loaded=loaded)
+    final = trainer.train(run)
+    assert [r["step"] for r in eval_view(metrics(run.run.root))] == [1, 2]
+    assert math.isfinite(final["mean_cka"]) and 0 < final["kl_per_token"]
 
 
 def test_kl_training_lowers_heldout_kl(workdir, loaded, tmp_path):
@@ -417,6 +430,19 @@ def test_final_student_matches_last_checkpoint(straight):
     meta = json.loads((straight / "student" / "ckaqad_student.json").read_text())
     assert meta["step"] == 6 and meta["quant"]["format"] == "nvfp4"
     assert (straight / "student" / "tokenizer.json").is_file()  # loadable on its own
+
+
+def test_activation_checkpointing_changes_no_number(workdir, straight, tmp_path):
+    """Recomputing every block in the backward pass (with the CKA capture hooks on the checkpoint wrapper) logs
+    the uninterrupted run's values and writes its student, with the same state-dict and module names."""
+    out = tmp_path / "checkpointed"
+    distill.run(dataclasses.replace(base_config(workdir, out), parallel=ParallelConfig(activation_checkpointing=True)))
+    assert train_view(metrics(out)) == train_view(metrics(straight))
+    assert eval_view(metrics(out)) == eval_view(metrics(straight))
+    a, b = weights(straight), weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((out / "student" / "ckaqad_student.json").read_text())
+    assert meta["quantized"] == json.loads((straight / "student" / "ckaqad_student.json").read_text())["quantized"]
 
 
 # ------------------------------------------------------------------------------------------------ golden

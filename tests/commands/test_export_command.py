@@ -11,16 +11,20 @@ import yaml
 from conftest import save_tiny_teacher
 
 from ckaqad import paths
-from ckaqad.commands import export
-from ckaqad.data.blocks import DataConfig
+from ckaqad.commands import distill, export
+from ckaqad.data.blocks import DataConfig, eval_batches, load_blocks
 from ckaqad.errors import CheckpointError, ConfigError, ExportError
+from ckaqad.eval.fidelity import measure_fidelity
 from ckaqad.export.reader import is_export_dir, load_export
 from ckaqad.models.load import load_model
+from ckaqad.objectives.compose import ObjectiveConfig
 from ckaqad.paths import RunDir
 from ckaqad.quant.apply import quant_linears
 from ckaqad.quant.linear import QuantConfig
 from ckaqad.students.spec import build_ptq_student
 from ckaqad.students.store import save_student_dir
+from ckaqad.train.checkpointer import CheckpointConfig
+from ckaqad.train.trainer import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,8 +101,6 @@ def test_ptq_export_calibrates_on_the_data_and_verifies(tmp_path, teacher_dir, c
     assert "verified 14 quantized layers" in printed and "bit-exact on 14/14" in printed
     assert summary.quantized_layers == 14 and is_export_dir(out)
     # the PTQ student is the one place's: calibrated on the first blocks of --data, not the built-in corpus
-    from ckaqad.data.blocks import load_blocks
-
     teacher = load_model(teacher_dir, device="cpu")
     blocks = load_blocks(DataConfig(data=str(data), seq_len=16), teacher.model, teacher.tokenizer)
     want, _ = build_ptq_student(teacher.model, QuantConfig(), blocks)
@@ -132,3 +134,31 @@ def test_missing_or_empty_sources_fail_before_any_loading(tmp_path):
     with pytest.raises(CheckpointError, match=f"{empty} has no student checkpoint"):
         export.run(export.Config(student=str(empty), teacher="/nowhere", out=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("policy", ["frozen", "train"])
+def test_a_trained_run_and_its_export_give_the_same_heldout_numbers(tmp_path, teacher_dir, policy):
+    """With the high-precision tensors frozen at their bf16 values (the default) the run's final held-out
+    numbers are the export's, to the last bit; with float32 masters (`train`) the export is another model."""
+    data = corpus(tmp_path / "docs.txt")
+    data_config = DataConfig(data=str(data), seq_len=16)
+    train = TrainConfig(steps=3, lr=1e-3, warmup_steps=1, batch_size=2, cka_tokens=16, eval_every=100,
+                        eval_blocks=2, progress=False)
+    config = distill.Config(teacher=str(teacher_dir), out=str(tmp_path / "run"), device="cpu", train=train,
+                            objective=ObjectiveConfig(loss="kl"),
+                            quant=QuantConfig(calib_batch_size=2, high_precision=policy), data=data_config,
+                            checkpoint=CheckpointConfig(save_every=100))
+    final = distill.run(config)["final"]
+    export.run(export.Config(run=str(tmp_path / "run"), out=str(tmp_path / "export"), device="cpu"))
+    teacher = load_model(teacher_dir, device="cpu")
+    blocks = load_blocks(data_config, teacher.model, teacher.tokenizer)
+    exported, _ = load_export(tmp_path / "export")
+    results, _ = measure_fidelity(teacher.model, {"export": exported},
+                                  eval_batches(blocks.heldout, 2, torch.device("cpu"), limit=2),
+                                  exclude_token_ids=(teacher.tokenizer.bos_token_id,), progress=False)
+    served = results["export"]
+    same = [final[k] == getattr(served, k) for k in ("kl_per_token", "perplexity", "top1_agreement", "mean_cka")]
+    if policy == "frozen":
+        assert all(same), (final, served.headline())
+    else:
+        assert not all(same)

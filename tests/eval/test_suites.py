@@ -22,7 +22,7 @@ def options(**overrides):
 
 
 def test_registered_suites_and_their_one_spelling():
-    assert SUITES.names() == ["fidelity", "humaneval", "lm-eval"]
+    assert SUITES.names() == ["fidelity", "humaneval", "lm-eval", "runtime-spread", "tasks"]
     assert NEEDS_TEACHER <= set(SUITES)
     with pytest.raises(ConfigError, match=r"unknown suite \(--suite\) 'lm_eval' \(did you mean: lm-eval"):
         SUITES.get("lm_eval")
@@ -78,3 +78,11 @@ def test_missing_lm_eval_is_a_missing_dependency_error(monkeypatch, tmp_path, ti
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(MissingDependencyError, match=r"lm-eval is not installed \(pip install 'ckaqad\[eval\]'\)"):
         run_lm_eval(tiny_model, tiny_tokenizer, ["t"], str(tmp_path), include_defaults=False)
+
+
+def test_runtime_spread_needs_a_teacher_and_an_export_directory(tmp_path):
+    teacher = SimpleNamespace(model=None, tokenizer=None)
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        SUITES.get("runtime-spread")(None, None, None, options(model=str(tmp_path), seed=0))
+    with pytest.raises(ConfigError, match="evaluates export directories only"):
+        SUITES.get("runtime-spread")(None, None, teacher, options(model=str(tmp_path), seed=0))

@@ -18,7 +18,7 @@ FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def make_student(tie: bool = False, scheme: str = "w4a4", fmt: str = "nvfp4", seed: int = 0,
-                 weight_global: str = "dynamic"):
+                 weight_global: str = "dynamic", global_scale: str = "exact"):
     """Tiny random Llama student, calibrated on two random batches.
 
     The teacher is rounded to bf16 (a deployed teacher is bf16, so the student's unquantized tensors survive
@@ -35,7 +35,8 @@ def make_student(tie: bool = False, scheme: str = "w4a4", fmt: str = "nvfp4", se
         for p in teacher.parameters():
             p.copy_(p.bfloat16().float())
     student = copy.deepcopy(teacher).float()
-    quantize_model_(student, QuantConfig(format=fmt, scheme=scheme, weight_global=weight_global))
+    quantize_model_(student, QuantConfig(format=fmt, scheme=scheme, weight_global=weight_global,
+                                         global_scale=global_scale))
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in quant_linears(student).values():

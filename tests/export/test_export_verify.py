@@ -96,6 +96,19 @@ def test_verify_export_kl_is_zero_for_runtime_arithmetic_in_bf16(tmp_path, tiny_
     assert kl["kl_mean"] == kl["kl_max"] == 0.0 and kl["tokens"] == 128
 
 
+@pytest.mark.parametrize("scheme", ["w4a4", "w4a16"])
+def test_pow2_global_scales_make_the_reference_student_the_served_model(tmp_path, tiny_tokenizer, scheme):
+    """With power-of-two global scales every dequantized value is exact in bf16, so ckaqad's own (reference)
+    arithmetic in bf16 computes what transformers serves, bit for bit; the export stores G = 2^k."""
+    export_student(make_student(scheme=scheme, global_scale="pow2"), tiny_tokenizer, tmp_path / "e")
+    scales = [t for k, t in read_tensors(tmp_path / "e").items() if k.endswith("global_scale")]
+    assert len(scales) == 14 * (2 if scheme == "w4a4" else 1)  # 7 quantized Linears a block, 2 blocks
+    assert all(torch.frexp(g)[0].eq(0.5).all() for g in scales)
+    reference, _ = load_export(tmp_path / "e")
+    kl = runtime_agreement(tmp_path / "e", to_served_dtype(reference))
+    assert kl["kl_mean"] == kl["kl_max"] == 0.0
+
+
 @pytest.mark.parametrize("layout", ["compressed-tensors", "modelopt"])
 def test_verify_export_catches_a_student_that_moved(tmp_path, tiny_tokenizer, layout):
     student = make_student()

@@ -8,8 +8,10 @@ a NaN's sign or payload stable, and they mean nothing).
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from strategies import FP4_GRID, FP4_TIES
@@ -22,6 +24,8 @@ from ckaqad.formats.nvfp4_runtime import (
     runtime_dequantize_weight,
     runtime_fake_quantize,
     runtime_quantize,
+    vllm_emulation_dequantize_weight,
+    vllm_emulation_fake_quantize,
 )
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -288,3 +292,62 @@ def test_pow2_global_amax_rounds_up_to_a_power_of_two_global_scale():
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(FormatError):
             pow2_global_amax(bad)
+
+
+def f32(v: float) -> float:
+    """Round a Python float (double) to float32."""
+    return float(np.float32(v))
+
+
+def e4m3(v: float) -> float:
+    return float(torch.tensor(v, dtype=torch.float32).to(torch.float8_e4m3fn).float())
+
+
+def e2m1_rne(t: float) -> float:
+    """The nearest E2M1 value to |t| <= 6, ties to the even code, with t's sign (as vLLM's cast_to_fp4)."""
+    best = min(range(8), key=lambda i: (abs(abs(t) - e2m1.E2M1_VALUES[i]), i % 2))
+    return math.copysign(e2m1.E2M1_VALUES[best], t) if t != 0 else 0.0
+
+
+def vllm_emulation_oracle(x: torch.Tensor, G: float) -> torch.Tensor:
+    """vLLM's CPU emulation of the input quantizer, one element at a time in float32 scalars (numpy), from its
+    documented steps: s8 = e4m3(G * (vmax * fl32(1/6))), t = x * 1/(s8 * (1/G)), out = e2m1(t) * (s8 / G)."""
+    rows = x.float().reshape(-1, x.shape[-1]).tolist()
+    out = []
+    sixth = f32(1 / 6)
+    inv_g = f32(1 / G)
+    for row in rows:
+        for b in range(0, len(row), 16):
+            block = row[b:b + 16]
+            s8 = e4m3(max(-448.0, min(448.0, f32(G * f32(max(abs(v) for v in block) * sixth)))))
+            denom = f32(s8 * inv_g)
+            recip = f32(1 / (denom if denom != 0 else 1e8))
+            dequant_scale = f32(s8 / G)
+            out += [f32(e2m1_rne(max(-6.0, min(6.0, f32(v * recip)))) * dequant_scale) for v in block]
+    return torch.tensor(out, dtype=torch.float32).reshape(x.shape).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_vllm_emulation_input_follows_its_steps_element_for_element(dtype):
+    for seed in range(3):
+        x, amax = bf16_activations(seed)
+        x = x[:4, :64].to(dtype)
+        G = G_of(amax)
+        assert same_bits(vllm_emulation_fake_quantize(x, G), vllm_emulation_oracle(x, float(G)))
+
+
+def test_vllm_emulation_weight_multiplies_by_the_reciprocal_global_scale():
+    x, amax = bf16_activations(1)
+    q = nvfp4.quantize(x.float(), amax)
+    G = G_of(amax)
+    expected = (torch.tensor([e2m1.E2M1_VALUES[int(c) & 7] * (-1 if int(c) & 8 else 1) for c in q.codes.flatten()])
+                .reshape(q.codes.shape).unflatten(-1, (-1, 16))
+                * (q.block_scales.float() * (1.0 / G)).unsqueeze(-1)).flatten(-2).to(torch.bfloat16)
+    got = vllm_emulation_dequantize_weight(q.codes, q.block_scales, G)
+    assert same_bits(got, expected)
+    # After the bf16 rounding the divide (compressed-tensors) and the reciprocal (vLLM) rarely differ (a scale
+    # one float32 ulp apart must straddle a bf16 midpoint); for a power-of-two G both are exact:
+    a2 = pow2_global_amax(amax)
+    q2 = nvfp4.quantize(x.float(), a2)
+    assert same_bits(vllm_emulation_dequantize_weight(q2.codes, q2.block_scales, G_of(a2)),
+                     runtime_dequantize_weight(q2.codes, q2.block_scales, G_of(a2)))

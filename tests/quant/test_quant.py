@@ -487,3 +487,34 @@ def test_frozen_weight_scales_are_set_before_the_calibration_forward(teacher):
     calibrate(student, batches())
     for name, layer in quant_linears(student).items():
         assert float(layer.weight_amax) > 0 and float(layer.input_amax) > 0, name
+
+
+def is_pow2_form(amax: torch.Tensor) -> bool:
+    """amax = 2688 * 2^-k: the global scale fl32(2688 / amax) is then exactly a power of two."""
+    g = torch.tensor(nvfp4.GLOBAL_RANGE, dtype=torch.float32) / amax.float()
+    return bool(torch.frexp(g)[0].eq(0.5).all())
+
+
+def test_pow2_global_scales_round_every_amax_up_to_a_power_of_two_form(tiny_model):
+    batches = [{"input_ids": torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(i))}
+               for i in range(2)]
+    exact, _ = build_student(tiny_model, QuantConfig(weight_global="dynamic"))
+    pow2, _ = build_student(tiny_model, QuantConfig(global_scale="pow2"))
+    frozen, _ = build_student(tiny_model, QuantConfig(global_scale="pow2", weight_global="frozen"))
+    for student in (exact, pow2, frozen):
+        calibrate(student, batches)
+    for name, m in quant_linears(pow2).items():
+        e = quant_linears(exact)[name]
+        for a, b in ((m.input_amax, e.input_amax), (m.weight_global_amax(), e.weight_global_amax())):
+            assert is_pow2_form(a) and a >= b and a / 2 < b, name  # the smallest such amax >= the exact one
+        assert not is_pow2_form(e.weight_global_amax()), name
+        assert torch.equal(quant_linears(frozen)[name].weight_amax, m.weight_global_amax()), name
+
+
+def test_global_scale_and_high_precision_choices_are_checked():
+    with pytest.raises(ConfigError, match=r"--global-scale.*'pow3'.*did you mean: pow2"):
+        QuantConfig(global_scale="pow3")
+    with pytest.raises(ConfigError, match="--global-scale pow2 needs a format with global scales, not mxfp4"):
+        QuantConfig(format="mxfp4", global_scale="pow2")
+    with pytest.raises(ConfigError, match=r"--high-precision.*choose from: frozen, train"):
+        QuantConfig(high_precision="fp32")

@@ -16,7 +16,13 @@ from ckaqad.errors import CheckpointError, ConfigError
 from ckaqad.paths import StudentDir, detect
 from ckaqad.quant.apply import calibrate, quant_linears
 from ckaqad.quant.linear import QuantConfig
-from ckaqad.students.spec import build_ptq_student, calibration_batches, load_student
+from ckaqad.students.spec import (
+    build_ptq_student,
+    calibration_batches,
+    high_precision_parameters,
+    load_student,
+    make_trainable,
+)
 from ckaqad.students.store import load_student_dir, save_student_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +40,7 @@ def ids(seed: int = 0, rows: int = 2, seq: int = 12):
 
 def test_ptq_student_is_calibrated_on_the_first_training_blocks(tiny_model, tiny_tokenizer):
     data = blocks(tiny_tokenizer)
-    quant = QuantConfig(calib_batches=2, calib_batch_size=3)
+    quant = QuantConfig(calib_batches=2, calib_batch_size=3, high_precision="train")
     student, report = build_ptq_student(tiny_model, quant, data)
     assert report.quantized and all(p.requires_grad for p in student.parameters())
     # the same amaxes as calibrating a fresh copy by hand on blocks 0..5
@@ -48,6 +54,35 @@ def test_ptq_student_is_calibrated_on_the_first_training_blocks(tiny_model, tiny
         assert torch.equal(layer.input_amax, quant_linears(by_hand)[name].input_amax), name
     assert sum(b["input_ids"].shape[0] for b in calibration_batches(data, quant, "cpu")) == 6
     assert not quant_linears(tiny_model)  # the teacher is untouched
+
+
+def test_frozen_high_precision_tensors_are_the_exported_bf16_values_and_do_not_train(tiny_model, tiny_tokenizer):
+    data = blocks(tiny_tokenizer)
+    quant = QuantConfig(calib_batches=2, calib_batch_size=3)
+    assert quant.high_precision == "frozen"
+    student, _ = build_ptq_student(tiny_model, quant, data)
+    quantized = {id(m.weight) for m in quant_linears(student).values()}
+    high = high_precision_parameters(student)
+    assert {id(p) for p in student.parameters()} == quantized | {id(p) for p in high}
+    assert {id(student.model.norm.weight), id(student.lm_head.weight)} <= {id(p) for p in high}  # untied head too
+    for p in high:
+        assert not p.requires_grad and p.dtype == torch.float32 and torch.equal(p, p.bfloat16().float())
+    assert all(m.weight.requires_grad for m in quant_linears(student).values())
+    # Rounded before calibration: the amaxes are those of the served (bf16) norms and embeddings.
+    by_hand = copy.deepcopy(tiny_model).float()
+    with torch.no_grad():
+        for p in by_hand.parameters():
+            if "proj" not in next(n for n, q in by_hand.named_parameters() if q is p):
+                p.copy_(p.bfloat16())
+    from ckaqad.quant.apply import quantize_model_
+
+    quantize_model_(by_hand, quant)
+    calibrate(by_hand, calibration_batches(data, quant, "cpu"))
+    for name, layer in quant_linears(student).items():
+        assert torch.equal(layer.input_amax, quant_linears(by_hand)[name].input_amax), name
+    # make_trainable keeps the policy for a loaded student, and trains every tensor of an unquantized one.
+    assert not any(p.requires_grad for p in high_precision_parameters(make_trainable(student)))
+    assert all(p.requires_grad for p in make_trainable(copy.deepcopy(tiny_model)).parameters())
 
 
 def test_ptq_w4a4_needs_data_and_a_quantizable_layer(tiny_model):

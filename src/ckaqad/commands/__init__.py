@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from ckaqad.commands import compare, demo, diagnose, distill, export
+from ckaqad.commands import compare, damage, demo, diagnose, distill, export, recover, rl, study
 from ckaqad.commands import eval as eval_
+from ckaqad.commands import plan as plan_
 from ckaqad.registry import Registry
 
 COMMANDS = Registry[ModuleType]("command")
@@ -17,3 +18,8 @@ COMMANDS.register("demo", demo)
 COMMANDS.register("eval", eval_)
 COMMANDS.register("compare", compare)
 COMMANDS.register("export", export)
+COMMANDS.register("rl", rl)
+COMMANDS.register("damage", damage)
+COMMANDS.register("recover", recover)
+COMMANDS.register("study", study)
+COMMANDS.register("plan", plan_)

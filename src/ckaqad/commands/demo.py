@@ -2,6 +2,8 @@
 seed → one diagnosis of all of them on the same held-out tokens → `report.md` and `report.html`.
 
 On CPU the default budget is sized to finish in about ten minutes on 2 cores; on a GPU it is larger.
+`--recovery` runs the recovery demo instead (`run_recovery`, docs/recovery.md): damage, then KL and KL+CKA
+self-distillation recovery, and one recovery report with the CKA-recovery correlation.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ckaqad.commands import distill
+from ckaqad.commands import distill, recover
+from ckaqad.damage.forget import ForgetConfig, arithmetic_corpus
+from ckaqad.damage.kinds import DAMAGE_KINDS
 from ckaqad.data.blocks import DataConfig, eval_batches, load_blocks
 from ckaqad.errors import ConfigError
 from ckaqad.eval.fidelity import measure_fidelity, token_rule
@@ -62,6 +66,10 @@ class Config:
     """cpu or cuda (default: cuda when available)"""
     out: str = "runs/demo"
     """output directory for the report and both runs"""
+    recovery: bool = False
+    """the recovery demo instead: damage the teacher (--recovery-kinds), recover each with KL and KL+CKA"""
+    recovery_kinds: str = "wanda,forget"
+    """damage kinds of the recovery demo, comma-separated: magnitude, wanda, 2:4, drop-blocks, forget, nvfp4"""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 0 or self.seq_len < 0 or self.lr < 0:
@@ -86,6 +94,8 @@ def run(config: Config) -> dict:
     out = check_writable(config.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty; choose another directory")
+    if config.recovery:
+        return run_recovery(config, out)
     QuantConfig(format=config.format, scheme=config.scheme)
     started = time.perf_counter()
     loaded = load_model(config.teacher, device=config.device)
@@ -184,3 +194,52 @@ def write_report(out: Path, results: dict, teacher_stats: dict, training: dict, 
     write_results(out, "demo", [ModelResult.from_fidelity(r, training=training.get(label, {}))
                                 for label, r in results.items()],
                   teacher={"source": cfg["teacher"], **teacher_stats}, meta=meta)
+
+
+# ------------------------------------------------------------------------------ ckaqad demo --recovery
+
+RECOVERY_LOSSES = ("kl", "kl+cka")
+# What each damage kind of the recovery demo does (damage.Config fields beyond the shared ones).
+RECOVERY_DAMAGE = {"magnitude": {"sparsity": 0.5}, "wanda": {"sparsity": 0.5}, "2:4": {"score": "wanda"},
+                   "drop-blocks": {"drop": 3}, "forget": {}, "nvfp4": {}}
+
+
+def run_recovery(config: Config, out: Path) -> dict:
+    """Damage the teacher once per `--recovery-kinds` and recover each damaged model with KL and KL+CKA
+    (same budget and seed), then one recovery report over every run (the CKA-recovery correlation).
+
+    CPU defaults (about 13 CPU-minutes for wanda + forget, under 10 minutes on 2 cores): 8 steps x 4 x 128 tokens
+    per run, lr 1e-4, held-out evaluation of 8 blocks every 2 steps. The forgetting fine-tunes on a built-in
+    arithmetic-tables corpus (`damage.forget.arithmetic_corpus`, written to OUT/forget_corpus.txt) at lr 3e-4
+    until the general held-out perplexity has risen by half (at most 30 steps)."""
+    kinds = [k.strip() for k in config.recovery_kinds.split(",") if k.strip()]
+    if not kinds:
+        raise ConfigError("--recovery-kinds must name at least one damage kind")
+    for kind in kinds:
+        DAMAGE_KINDS.check(kind)
+    started = time.perf_counter()
+    loaded = load_model(config.teacher, device=config.device)
+    device = next(loaded.model.parameters()).device
+    gpu = device.type == "cuda"
+    steps = config.steps or (200 if gpu else 8)
+    train = TrainConfig(steps=steps, lr=config.lr or (1e-5 if gpu else 1e-4), batch_size=config.batch_size or
+                        (16 if gpu else 4), cka_tokens=config.cka_tokens, eval_every=max(steps // 3, 1),
+                        eval_blocks=8, seed=config.seed, warmup_steps=max(steps // 20, 1))
+    data = DataConfig(data=config.data, seq_len=config.seq_len or (512 if gpu else 128))
+    corpus = out / "forget_corpus.txt"
+    forget = ForgetConfig(forget_data=str(corpus), forget_steps=30, forget_lr=3e-4, forget_eval_every=5,
+                          forget_rise=0.5, forget_batch_size=train.batch_size)
+    study = recover.plan_study(out, config.teacher, kinds, list(RECOVERY_LOSSES), train, data, forget, config.device,
+                               RECOVERY_DAMAGE)
+    valid = train.batch_size * (data.seq_len - train.n_sink)
+    if train.cka_tokens > valid:
+        raise ConfigError(f"--cka-tokens {train.cka_tokens} is larger than the {valid} valid tokens of a step")
+    out.mkdir(parents=True, exist_ok=True)
+    if "forget" in kinds:
+        corpus.write_text(arithmetic_corpus())
+    print(f"recovery demo on {device}: damage {', '.join(kinds)}; recover with {' and '.join(RECOVERY_LOSSES)}, "
+          f"{steps} steps x {train.batch_size} x {data.seq_len} tokens, lr {train.lr}")
+    runs, damages = recover.run_study(study, loaded, out, {"teacher": config.teacher, "device": str(device),
+                                                          "steps": steps, "kinds": kinds})
+    print(f"wrote {out}/recovery.md and recovery.html ({time.perf_counter() - started:.0f} s)")
+    return {"runs": runs, "damages": damages, "runtime_s": time.perf_counter() - started}

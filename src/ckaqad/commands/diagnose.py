@@ -15,7 +15,14 @@ import torch
 
 from ckaqad.data.blocks import DataConfig, eval_batches, load_blocks
 from ckaqad.errors import ConfigError
-from ckaqad.eval.fidelity import Fidelity, measure_fidelity, token_rule
+from ckaqad.eval.fidelity import (
+    MASSIVE_DOMINANT_SHARE,
+    MASSIVE_SUGGESTED_FACTOR,
+    MASSIVE_TOP_FRACTION,
+    Fidelity,
+    measure_fidelity,
+    token_rule,
+)
 from ckaqad.files import atomic_directory, check_writable, write_json, write_text
 from ckaqad.models.load import load_model
 from ckaqad.quant.linear import DEFAULT_EXCLUDE, QuantConfig
@@ -41,7 +48,11 @@ class PTQOptions:
     clip_gradient: bool = QuantConfig.clip_gradient
     """zero the straight-through gradient where |x| exceeds the global amax"""
     arithmetic: str = QuantConfig.arithmetic
-    """reference (ckaqad's) or runtime: compute what compressed-tensors' served forward computes, element for element"""
+    """reference (ckaqad's), runtime (compressed-tensors' served forward, element for element) or vllm-emulation"""
+    global_scale: str = QuantConfig.global_scale
+    """NVFP4 global scales: exact (amax/2688) or pow2 (amax rounded up to 2688*2^-k: exact in bf16 in any runtime)"""
+    high_precision: str = QuantConfig.high_precision
+    """norms, embeddings and unquantized layers: frozen (rounded to bf16 as the export stores them) or train (fp32)"""
 
     def __post_init__(self) -> None:
         self.exclude = tuple(self.exclude)
@@ -67,6 +78,10 @@ class Config:
     """blocks per forward pass"""
     n_sink: int = 1
     """leading positions of each sequence excluded from CKA (attention sinks)"""
+    bootstrap: int = 1000
+    """bootstrap resamples of the held-out sequences for each layer's CKA interval (0: no intervals)"""
+    massive_factor: float = 0.0
+    """robust token selection: CKA without tokens whose teacher norm is over this many times the batch median (0 off)"""
     device: str | None = None
     """cpu or cuda (default: cuda when available)"""
     seed: int = 0
@@ -84,6 +99,8 @@ class Config:
             raise ConfigError("--eval-blocks and --batch-size must be at least 1")
         if self.n_sink < 0:
             raise ConfigError(f"--n-sink must be >= 0, got {self.n_sink}")
+        if self.bootstrap < 0 or self.massive_factor < 0:
+            raise ConfigError("--bootstrap and --massive-factor must be >= 0")
 
     @property
     def formats(self) -> list[str]:
@@ -130,7 +147,8 @@ def write_outputs(out: Path, results: dict[str, Fidelity], teacher_stats: dict, 
           f"({meta.get('token_rule')}).", "", *tables.fidelity_table(results, teacher_stats["perplexity"]), "",
           "Quantized layers:", "", *tables.coverage_lines(meta.get("quantization", {})), "",
           f"![per-layer CKA]({d.CKA_LAYERS})", "", "## Per-layer CKA (biased, all held-out tokens)", "",
-          *tables.layer_table(results), "", f"Run time: {meta.get('runtime_s', 0):.1f} s on {meta.get('device')}.",
+          *tables.layer_table(results), "", *interval_lines(results), *massive_lines(teacher_stats, meta),
+          f"Run time: {meta.get('runtime_s', 0):.1f} s on {meta.get('device')}.",
           ""]
     text = "\n".join(md)
     write_text(d.diagnosis_md, text)
@@ -140,6 +158,61 @@ def write_outputs(out: Path, results: dict[str, Fidelity], teacher_stats: dict, 
                   [ModelResult.from_fidelity(r, quantization=quantization.get(label, {}))
                    for label, r in results.items()],
                   teacher=teacher, meta={k: v for k, v in meta.items() if k not in ("teacher", "quantization")})
+
+
+def interval_lines(results: dict[str, Fidelity]) -> list[str]:
+    """The per-layer bootstrap intervals (when measured): one row per layer, `cka [low, high]` per student."""
+    first = next(iter(results.values()))
+    if not first.layers or "cka_low" not in first.layers[0]:
+        return []
+    labels = list(results)
+    resampled = first.layers[0].get("sequences", 0)
+    lines = ["## Per-layer CKA with 95% bootstrap intervals", "",
+             f"CKA ± 1.96 bootstrap standard errors, from resamples of the {resampled} held-out sequences (the "
+             "tokens of a sequence are resampled together; `eval.cka_bootstrap`).", "",
+             "| layer | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    by_index = {label: {row["index"]: row for row in r.layers} for label, r in results.items()}
+    for row in first.layers:
+        cells = []
+        for label in labels:
+            r = by_index[label].get(row["index"])
+            cells.append(f"{r['cka']:.4f} [{r['cka_low']:.4f}, {r['cka_high']:.4f}]" if r else "–")
+        lines.append(f"| {row['index']} | " + " | ".join(cells) + " |")
+    widths = [r["cka_high"] - r["cka_low"] for res in results.values() for r in res.layers
+              if math.isfinite(r.get("cka_high", math.nan))]
+    if widths:
+        lines += ["", f"Interval width: median {sorted(widths)[len(widths) // 2]:.4f}, largest {max(widths):.4f}."]
+    return lines + [""]
+
+
+def massive_lines(teacher_stats: dict, meta: dict) -> list[str]:
+    """The massive-activation check: per teacher layer, the top tokens' share of the squared norm."""
+    rows = teacher_stats.get("massive") or []
+    if not rows:
+        return []
+    summary = teacher_stats["massive_summary"]
+    lines = ["## Massive activations (teacher)", "",
+             f"Share of each layer's squared hidden-state norm held by its top {MASSIVE_TOP_FRACTION:.0%} of tokens "
+             f"(of {rows[0]['tokens']}, position 0 excluded; {rows[0]['top_tokens']} tokens), by its top token, "
+             "and the largest token norm over the median one. Evenly spread tokens would give "
+             f"about {MASSIVE_TOP_FRACTION:.0%}.", "",
+             "| layer | top-1% share | top-token share | max / median norm |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['top_share']:.3f} | {r['top1_share']:.3f} | "
+                     f"{r['max_over_median_norm']:.1f} |")
+    factor = meta.get("config", {}).get("massive_factor", 0.0)
+    if summary["dominated_layers"]:
+        lines += ["", f"The top {MASSIVE_TOP_FRACTION:.0%} of tokens hold more than {MASSIVE_DOMINANT_SHARE:.0%} "
+                  f"of the squared norm in layers {summary['dominated_layers']} (largest: "
+                  f"{summary['max_top_share']:.1%} in layer {summary['max_top_share_layer']}): CKA there is "
+                  "mostly about those few tokens. "
+                  + (f"This diagnosis leaves out tokens above {factor:g}× the median norm." if factor else
+                     f"Rerun with `--massive-factor {MASSIVE_SUGGESTED_FACTOR:g}` to leave tokens above "
+                     f"{MASSIVE_SUGGESTED_FACTOR:g}× the batch's median norm out of CKA (the robust selection).")]
+    else:
+        lines += ["", f"No layer is dominated (largest top-1% share {summary['max_top_share']:.1%}, layer "
+                  f"{summary['max_top_share_layer']})."]
+    return lines + [""]
 
 
 def print_summary(results: dict[str, Fidelity], teacher_ppl: float) -> None:
@@ -184,7 +257,8 @@ def run(config: Config, progress: bool = True) -> dict:
         results, teacher_stats = measure_fidelity(
             teacher, students, eval_batches(blocks.heldout, config.batch_size, device, limit=n_eval),
             n_sink=config.n_sink, exclude_token_ids=exclude, progress=progress,
-            total=math.ceil(n_eval / config.batch_size))
+            total=math.ceil(n_eval / config.batch_size), bootstrap=config.bootstrap,
+            massive_factor=config.massive_factor)
     runtime = time.perf_counter() - start
     meta = {"teacher": config.teacher, "data": blocks.describe(), "device": str(device),
             "cka_tokens": next(iter(results.values())).cka_tokens, "token_rule": token_rule(config.n_sink),

@@ -4,6 +4,12 @@ with checkpoints, resume, metrics, TensorBoard and plots in the run directory (p
 The student is `--student ptq` (the teacher's calibrated fake-quant copy) or any student directory, run,
 export or HF model directory (a pruned or fine-tuned model of its own depth: CKA compares blocks through
 `--layer-map`). Nothing is written before every input has been checked.
+
+Under `torchrun --nproc-per-node N -m ckaqad distill ...` the same command trains on N processes
+(docs/distributed.md): the student sharded per decoder block with FSDP2, the teacher sharded or replicated
+(`--teacher-sharding`), each rank a slice of every global batch (`--batch-size` counts all ranks together, so
+the run computes what one process with that batch computes), sharded checkpoints (DCP), and only rank 0
+printing and writing run files.
 """
 
 from __future__ import annotations
@@ -23,10 +29,20 @@ from ckaqad.files import atomic_directory, check_writable, write_json, write_tex
 from ckaqad.models.arch import num_layers
 from ckaqad.models.load import LoadedModel, load_model
 from ckaqad.objectives.compose import Composite, ObjectiveConfig
+from ckaqad.parallel.config import ParallelConfig
+from ckaqad.parallel.dist import World, barrier, init_world, max_reduce_buffers_, peer_failures_as_errors, shutdown
+from ckaqad.parallel.fsdp import (
+    apply_activation_checkpointing,
+    choose_teacher_sharding,
+    full_state_dict,
+    parameter_bytes,
+    rank_memory_bytes,
+    shard_model,
+)
 from ckaqad.paths import RunDir
 from ckaqad.quant.linear import QuantConfig
 from ckaqad.report.plots import plot_run
-from ckaqad.students.spec import build_ptq_student, load_student
+from ckaqad.students.spec import build_ptq_student, load_student, make_trainable
 from ckaqad.students.store import save_student_dir
 from ckaqad.train import trainer
 from ckaqad.train.checkpointer import CheckpointConfig, CheckpointManager
@@ -35,7 +51,8 @@ from ckaqad.train.trainer import TrainConfig, Trainee
 HELP = "quantization-aware distillation of the student: KL-only QAD or CKA-QAD (or any objective)"
 
 # Fields that may differ between a run and its resumption.
-RESUME_MAY_CHANGE = {"resume", "out", "device", "progress", "steps", "eval_every"}
+RESUME_MAY_CHANGE = {"resume", "out", "device", "progress", "steps", "eval_every",
+                     "teacher_sharding", "activation_checkpointing", "dist_timeout"}
 
 
 @dataclass
@@ -59,6 +76,7 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def flat_fields(config) -> dict:
@@ -102,15 +120,30 @@ def run_dir_of(config: Config) -> RunDir:
     return run
 
 
-def make_student(config: Config, teacher: LoadedModel, blocks: TokenBlocks):
-    """(student with gradients on, quantization report dict or None) from `--student`."""
+def rank_calibration(blocks: TokenBlocks, quant: QuantConfig, world: World) -> TokenBlocks:
+    """This rank's share of the calibration batches (batches r, r+N, ...; whole batches, so each is the batch
+    one process would see) as the first training blocks, which is where `build_ptq_student` calibrates. A rank
+    left without a batch repeats one (max-reduction makes repeats harmless)."""
+    limit = min(quant.calib_batches * quant.calib_batch_size, blocks.train.shape[0])
+    starts = list(range(0, limit, quant.calib_batch_size))
+    mine = starts[world.rank::world.size] or [starts[world.rank % len(starts)]]
+    rows = torch.cat([blocks.train[s:min(s + quant.calib_batch_size, limit)] for s in mine])
+    return dataclasses.replace(blocks, train=rows)
+
+
+def make_student(config: Config, teacher: LoadedModel, blocks: TokenBlocks, world: World | None = None):
+    """(student with gradients on, quantization report dict or None) from `--student`. Under torchrun each rank
+    calibrates on its share of the calibration batches and the amaxes are max-reduced over ranks."""
+    world = world or World()
     if config.student == "ptq":
-        student, report = build_ptq_student(teacher.model, config.quant, blocks)
+        calibration = rank_calibration(blocks, config.quant, world) if world.distributed else blocks
+        student, report = build_ptq_student(teacher.model, config.quant, calibration)
+        max_reduce_buffers_(student)  # the amaxes of every rank's batches; nothing to do in a plain process
         return student, report.to_dict()
     # A loaded student trains as it is: quantized layers stay quantized with their saved scales, an
     # unquantized one (a pruned or fine-tuned model) trains in float32.
     loaded = load_student(config.student, teacher.model)
-    student = loaded.model.float().requires_grad_(True).eval()
+    student = make_trainable(loaded.model.float()).eval()
     return student, None
 
 
@@ -135,31 +168,54 @@ def fidelity_callback(teacher: LoadedModel, student: torch.nn.Module, blocks: To
     return evaluate
 
 
-def build_trainee(config: Config, teacher_loaded: LoadedModel | None = None) -> tuple[Trainee, dict | None]:
+def build_trainee(config: Config, teacher_loaded: LoadedModel | None = None, world: World | None = None
+                  ) -> tuple[Trainee, dict | None]:
     """Validate, load the teacher, data and student, create the optimizer, restore a checkpoint on resume.
 
     Nothing is written here: a run directory only appears once every input has been checked.
     """
+    world = world or World()
     run = run_dir_of(config)
-    torch.manual_seed(config.train.seed)
-    teacher = teacher_loaded or load_model(config.teacher, device=config.device)
-    blocks = load_blocks(config.data, teacher.model, teacher.tokenizer)
     cfg = config.train
+    if cfg.batch_size % world.size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} (blocks per micro-batch, all processes together) does not "
+                          f"split over {world.size} processes; choose a multiple of {world.size}")
+    barrier()  # every rank has checked the run directory before rank 0 may create it
+    torch.manual_seed(config.train.seed)
+    teacher = teacher_loaded or load_model(config.teacher, device=world.device(config.device))
+    blocks = load_blocks(config.data, teacher.model, teacher.tokenizer)
     tokens_per_batch = cfg.batch_size * (config.data.seq_len - cfg.n_sink)
     if config.objective.uses_cka and cfg.cka_tokens > tokens_per_batch:
         raise ConfigError(f"--cka-tokens {cfg.cka_tokens} is larger than the {tokens_per_batch} valid tokens "
                           f"of a micro-batch ({cfg.batch_size} x {config.data.seq_len}, sinks excluded)")
-    student, report = make_student(config, teacher, blocks)
+    student, report = make_student(config, teacher, blocks, world)
     layer_map = LayerMap.parse(config.layer_map, num_layers(student), num_layers(teacher.model), config.layers)
+    place_models(student, teacher, config.parallel, world)
     optimizer, scheduler = trainer.make_optimizer(student, cfg)
     trainee = Trainee(config=cfg, teacher=teacher.model, student=student, tokenizer=teacher.tokenizer,
                       blocks=blocks, layer_map=layer_map, objective=Composite(config.objective),
                       optimizer=optimizer, scheduler=scheduler, checkpoint=config.checkpoint, run=run,
-                      evaluate=fidelity_callback(teacher, student, blocks, config, layer_map))
+                      evaluate=fidelity_callback(teacher, student, blocks, config, layer_map), world=world)
     if config.resume:
-        state = CheckpointManager(run.root, config.checkpoint).load(student, optimizer, scheduler)
+        state = CheckpointManager(run.root, config.checkpoint, world).load(student, optimizer, scheduler)
         trainee.start_step = state["step"]
     return trainee, report
+
+
+def place_models(student: torch.nn.Module, teacher: LoadedModel, parallel: ParallelConfig, world: World) -> str | None:
+    """Activation checkpointing (any world) and, under torchrun, FSDP2: the student sharded per block, the
+    teacher sharded or replicated. Returns the teacher's placement (None for a plain process)."""
+    if parallel.activation_checkpointing:
+        apply_activation_checkpointing(student)
+    if not world.distributed:
+        return None
+    device = next(student.parameters()).device
+    shard_model(student, device, trainable=True)
+    placement = choose_teacher_sharding(parallel.teacher_sharding, parameter_bytes(teacher.model),
+                                        rank_memory_bytes(device))
+    if placement == "shard":
+        shard_model(teacher.model, device, trainable=False)
+    return placement
 
 
 def write_run_files(trainee: Trainee, config: Config, report: dict | None) -> None:
@@ -170,20 +226,36 @@ def write_run_files(trainee: Trainee, config: Config, report: dict | None) -> No
 
 
 def run(config: Config, teacher_loaded: LoadedModel | None = None) -> dict:
-    """Build (or resume) and train; write the final student, plots and summary.json; return the summary."""
-    trainee, report = build_trainee(config, teacher_loaded)
-    if trainee.start_step == 0:
+    """Build (or resume) and train; write the final student, plots and summary.json; return the summary.
+    Under torchrun every rank runs this; rank 0 alone writes files and prints."""
+    world, created = init_world(config.device, config.parallel.dist_timeout)
+    try:
+        with peer_failures_as_errors(world):
+            return _run(config, teacher_loaded, world)
+    finally:
+        shutdown(created)
+
+
+def _run(config: Config, teacher_loaded: LoadedModel | None, world: World) -> dict:
+    trainee, report = build_trainee(config, teacher_loaded, world)
+    if trainee.start_step == 0 and world.is_main:
         write_run_files(trainee, config, report)
+    barrier()
     final = trainer.train(trainee)
-    with atomic_directory(trainee.run.student.root) as tmp:
-        save_student_dir(trainee.student, tmp, trainee.tokenizer,
-                         extra={"label": trainee.run.root.name, "step": config.train.steps,
-                                "teacher": config.teacher})
-    plot_run(trainee.run.root)
+    # A sharded student is assembled on rank 0 (the other ranks send their shards and get nothing back), so
+    # the final student directory is the same file a one-process run writes.
+    state = full_state_dict(trainee.student) if world.distributed else None
     summary = {"final": final, "steps": config.train.steps, "loss": config.objective.loss}
-    write_json(trainee.run.summary, summary)
-    if config.train.progress:
-        print(f"{config.objective.loss}: held-out KL {final['kl_per_token']:.4f}, ppl {final['perplexity']:.3f} "
-              f"(teacher {final['teacher_perplexity']:.3f}), top-1 {final['top1_agreement']:.3f}, "
-              f"mean CKA {final['mean_cka']:.4f}, min CKA {final['min_cka']:.4f} -> {trainee.run.root}")
+    if world.is_main:
+        with atomic_directory(trainee.run.student.root) as tmp:
+            save_student_dir(trainee.student, tmp, trainee.tokenizer,
+                             extra={"label": trainee.run.root.name, "step": config.train.steps,
+                                    "teacher": config.teacher}, state=state)
+        plot_run(trainee.run.root)
+        write_json(trainee.run.summary, summary)
+        if config.train.progress:
+            print(f"{config.objective.loss}: held-out KL {final['kl_per_token']:.4f}, ppl {final['perplexity']:.3f} "
+                  f"(teacher {final['teacher_perplexity']:.3f}), top-1 {final['top1_agreement']:.3f}, "
+                  f"mean CKA {final['mean_cka']:.4f}, min CKA {final['min_cka']:.4f} -> {trainee.run.root}")
+    barrier()
     return summary

@@ -20,6 +20,7 @@ import torch
 from ckaqad.errors import ConfigError
 from ckaqad.eval.fidelity import HEADLINE
 from ckaqad.eval.suites import NEEDS_TEACHER, SUITES
+from ckaqad.eval.tasks import task_metrics, task_table
 from ckaqad.export.reader import load_served
 from ckaqad.files import atomic_directory, check_writable, write_json, write_text
 from ckaqad.models.load import LoadedModel, load_model, resolve_device
@@ -45,13 +46,13 @@ class Config:
     runtime: str = "ckaqad"
     """ckaqad (the fake-quant student, as trained) or transformers (an export as from_pretrained serves it, bf16)"""
     suite: str = "fidelity,humaneval"
-    """comma-separated suites: fidelity, humaneval, lm-eval"""
+    """comma-separated suites: fidelity, humaneval, lm-eval, tasks (0-shot ARC, PIQA, ... from local data)"""
     tasks: str | None = None
-    """comma-separated lm-eval task names (with --suite lm-eval)"""
+    """comma-separated task names of --suite lm-eval, or of --suite tasks (default: eval.tasks.DEFAULT_TASKS)"""
     include_path: str | None = None
     """directory of local lm-eval task YAML files"""
     limit: int | None = None
-    """evaluate only the first N HumanEval problems / lm-eval documents / held-out blocks"""
+    """evaluate only the first N HumanEval problems / lm-eval documents / held-out blocks (tasks: a fixed random N)"""
     humaneval_max_tokens: int = 384
     """maximum generated tokens per HumanEval completion"""
     humaneval_prompt: str = "auto"
@@ -66,6 +67,8 @@ class Config:
     """held-out blocks for fidelity"""
     batch_size: int = 8
     """batch size for every suite"""
+    seed: int = 0
+    """seed of the held-out blocks the runtime-spread suite samples"""
     device: str | None = None
     """cpu or cuda (default: cuda when available)"""
     out: str = "runs/eval"
@@ -158,13 +161,18 @@ def write_eval(out: Path, payload: dict) -> None:
                   f"pass@1 {he.get('pass@1', float('nan')):.3f}, "
                   f"canonical-solution NLL {he['nll_token_mean']:.4f} nats/token; "
                   f"{len(failed)} failed (reasons in eval.json)."]
+    spread = payload.get("runtime_spread")
+    if spread:
+        lines += ["", *tables.spread_table(spread)]
+    if payload.get("tasks"):
+        lines += ["", "Downstream tasks (0-shot, lm-eval scoring, `eval.tasks`):", "", *task_table(payload["tasks"])]
     write_text(d.eval_md, "\n".join(lines) + "\n")
     fid = payload.get("fidelity") or {}
     model = ModelResult(label=payload["label"], source=payload["model"],
                         fidelity={k: fid[k] for k in HEADLINE if k in fid},
                         layers=list(fid.get("layers", [])),
                         humaneval={k: v for k, v in (he or {}).items() if k != "per_problem"},
-                        lm_eval=payload.get("lm_eval") or {})
+                        lm_eval={**(payload.get("lm_eval") or {}), **task_metrics(payload.get("tasks") or {})})
     teacher = {"source": payload.get("teacher")}
     if "teacher_perplexity" in fid:
         teacher["perplexity"] = fid["teacher_perplexity"]

@@ -21,7 +21,7 @@ from ckaqad.files import check_writable
 from ckaqad.models.load import load_model
 from ckaqad.paths import RunDir, detect, run_teacher_spec
 from ckaqad.quant.linear import QuantConfig
-from ckaqad.students.spec import build_ptq_student, load_student
+from ckaqad.students.spec import build_ptq_student, load_student, run_student_source
 
 HELP = "write a deployable NVFP4 checkpoint (compressed-tensors for vLLM, modelopt for TensorRT-LLM)"
 
@@ -74,7 +74,7 @@ def _check_source(source: Path) -> None:
     if not source.is_dir():
         raise CheckpointError(f"{source} is not a directory")
     kind = detect(source)
-    has_student = kind == "student" or (kind == "run" and RunDir(source).final_or_latest_student() is not None)
+    has_student = kind == "student" or (kind == "run" and run_student_source(RunDir(source)) is not None)
     if not has_student:
         raise CheckpointError(f"{source} has no student checkpoint (no student/ and no complete checkpoint)")
 

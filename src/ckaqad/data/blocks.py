@@ -1,5 +1,6 @@
 """Token blocks: documents packed into fixed-length blocks with a document-level held-out split, and the
-batch iterators over them (training order a pure function of (seed, step), so resumes see the same data).
+batch iterators over them (training order a pure function of (seed, step), so resumes see the same data), and
+each rank's slice of a global batch (`rank_slice`) under torchrun.
 """
 
 from __future__ import annotations
@@ -119,3 +120,14 @@ def eval_batches(blocks: torch.Tensor, batch_size: int, device: torch.device | s
     for start in range(0, n, batch_size):
         ids = blocks[start:min(start + batch_size, n)].to(device)
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def rank_slice(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s contiguous share of a global batch (B/world blocks; B must divide): the N ranks' slices in
+    rank order are the global batch, so N ranks of b blocks see what one process of N·b blocks sees."""
+    size = batch["input_ids"].shape[0]
+    if size % world:
+        raise DataError(f"a global batch of {size} blocks does not split over {world} processes; "
+                        "make --batch-size a multiple of the number of processes")
+    share = size // world
+    return {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}

@@ -18,6 +18,7 @@ from torch import nn
 from ckaqad.capture import LayerCapture, LayerMap, valid_token_mask
 from ckaqad.cka import CKAAccumulator
 from ckaqad.errors import ConfigError
+from ckaqad.eval.cka_bootstrap import SequenceFeatures, bootstrap_interval
 from ckaqad.models.arch import num_layers
 from ckaqad.objectives.ce import next_token_nll
 from ckaqad.objectives.kl import chunked_kl
@@ -28,6 +29,13 @@ HEADLINE = ("kl_per_token", "perplexity", "top1_agreement", "mean_cka", "min_cka
             "mean_cka_debiased", "predicted_tokens", "cka_tokens")
 # The subset `ckaqad compare` puts in its table (counts and layer indices are not comparable metrics).
 COMPARED = ("kl_per_token", "perplexity", "top1_agreement", "mean_cka", "min_cka")
+# The massive-activation check: the share of a layer's squared norm held by its top MASSIVE_TOP_FRACTION of
+# tokens (position 0 already excluded). Evenly spread tokens give a little more than that fraction (SmolLM2's
+# blocks 10-28: 1.4-2%); a layer where the top 1% hold more than MASSIVE_DOMINANT_SHARE (20x even) is dominated
+# by them (SmolLM2's blocks 2-7: 24-38%, from ~20 tokens at 8-11x the median norm; docs/tasks.md).
+MASSIVE_TOP_FRACTION = 0.01
+MASSIVE_DOMINANT_SHARE = 0.2
+MASSIVE_SUGGESTED_FACTOR = 5.0  # the --massive-factor the diagnosis suggests: drops those tokens, few others
 
 
 @dataclass
@@ -62,18 +70,28 @@ class Fidelity:
 class _StudentStats:
     """Running sums of one student: a CKA accumulator per (student block, teacher block) pair, KL, NLL."""
 
-    def __init__(self, layer_map: LayerMap) -> None:
+    def __init__(self, layer_map: LayerMap, bootstrap: bool = False) -> None:
         self.layer_map = layer_map
         self.cka = {s: CKAAccumulator() for s, _ in layer_map.pairs}
+        self.features = {s: SequenceFeatures() for s, _ in layer_map.pairs} if bootstrap else {}
         self.kl_sum = 0.0
         self.kl_tokens = 0
         self.nll_sum = 0.0
         self.nll_tokens = 0
         self.agree = 0
 
-    def result(self, label: str) -> Fidelity:
-        layers = [{"index": s, "teacher_index": t, "cka": self.cka[s].biased(), "cka_debiased": self.cka[s].debiased()}
+    def result(self, label: str, teacher_features: dict[int, SequenceFeatures] | None = None,
+               resamples: int = 0) -> Fidelity:
+        layers = [{"index": s, "teacher_index": t, "cka": self.cka[s].biased(), "cka_debiased": self.cka[s].debiased(),
+                   "tokens": self.cka[s].n}
                   for s, t in self.layer_map.pairs]
+        if self.features and teacher_features is not None:
+            for row in layers:
+                interval = bootstrap_interval(self.features[row["index"]], teacher_features[row["teacher_index"]],
+                                              resamples)
+                row.update({"cka_low": interval["low"], "cka_high": interval["high"],
+                            "cka_bootstrap_std": interval["std"], "cka_bootstrap_bias": interval["bias"],
+                            "sequences": interval["sequences"]})
         values = [row["cka"] for row in layers]
         worst = min(range(len(values)), key=values.__getitem__) if values else -1
         return Fidelity(
@@ -117,23 +135,78 @@ def layer_maps(teacher: nn.Module, students: dict[str, nn.Module], layers: list[
     return maps
 
 
+class _NormShares:
+    """Per teacher layer, the squared norm of every token CKA sees (for the massive-activation check)."""
+
+    def __init__(self, layers: list[int]) -> None:
+        self.norms: dict[int, list[torch.Tensor]] = {t: [] for t in layers}
+
+    def add(self, layer: int, squared_norms: torch.Tensor) -> None:
+        self.norms[layer].append(squared_norms.detach().double().cpu())
+
+    def rows(self) -> list[dict]:
+        """Per layer: the share of the squared norm held by the top 1% of tokens and by the top token, and the
+        largest token norm over the median one."""
+        out = []
+        for layer, parts in self.norms.items():
+            if not parts:
+                continue
+            sq = torch.cat(parts).sort(descending=True).values
+            k = max(1, math.ceil(MASSIVE_TOP_FRACTION * sq.numel()))
+            total = float(sq.sum())
+            out.append({"layer": layer, "tokens": sq.numel(), "top_tokens": k,
+                        "top_share": float(sq[:k].sum()) / total if total > 0 else math.nan,
+                        "top1_share": float(sq[0]) / total if total > 0 else math.nan,
+                        "max_over_median_norm": math.sqrt(float(sq[0]) / max(float(sq.median()), 1e-30))})
+        return out
+
+
+def massive_summary(rows: list[dict]) -> dict:
+    """The layers the top 1% of tokens dominate (share > MASSIVE_DOMINANT_SHARE) and the largest share."""
+    dominated = [r["layer"] for r in rows if r["top_share"] > MASSIVE_DOMINANT_SHARE]
+    worst = max(rows, key=lambda r: r["top_share"]) if rows else None
+    return {"dominated_layers": dominated, "max_top_share": worst["top_share"] if worst else math.nan,
+            "max_top_share_layer": worst["layer"] if worst else -1, "top_fraction": MASSIVE_TOP_FRACTION,
+            "dominant_share": MASSIVE_DOMINANT_SHARE}
+
+
+def _robust_rows(teacher_rows: torch.Tensor, factor: float) -> torch.Tensor:
+    """Rows whose teacher norm is at most `factor` × the batch's median norm (all rows when factor is 0)."""
+    sq = teacher_rows.float().pow(2).sum(1)
+    if factor <= 0:
+        return torch.ones_like(sq, dtype=torch.bool)
+    return sq <= factor**2 * sq.median()
+
+
 @torch.no_grad()
 def measure_fidelity(teacher: nn.Module, students: dict[str, nn.Module], batches, layers: list[int] | None = None,
                      n_sink: int = 1, exclude_token_ids: tuple[int, ...] = (), progress: bool = True,
-                     total: int | None = None, layer_map: LayerMap | None = None
-                     ) -> tuple[dict[str, Fidelity], dict]:
+                     total: int | None = None, layer_map: LayerMap | None = None, bootstrap: int = 0,
+                     massive_factor: float = 0.0) -> tuple[dict[str, Fidelity], dict]:
     """Fidelity of each student to `teacher` over `batches` (model kwargs on the models' device).
 
     Returns ({label: Fidelity}, teacher stats {perplexity, predicted_tokens}). CKA uses every valid token
     (not a sample): position < n_sink, padding and `exclude_token_ids` are left out. Block pairs come from
     `layer_map` (one map for every student) or, by default, each student's proportional map restricted to
     the student blocks in `layers`. The students' quantized weights are computed once for the whole pass.
+
+    `bootstrap` > 0: each layer row also gets `cka_low` / `cka_high`, the 95% percentile interval of that many
+    resamples of the held-out sequences (`eval.cka_bootstrap`; the features are kept in memory for it).
+    `massive_factor` > 0: the robust token selection, leaving out of each layer's CKA the tokens whose teacher
+    hidden-state norm exceeds that many times the batch median (KL and perplexity still use every token).
+    The teacher stats carry the massive-activation check (`massive`: per layer, the share of the squared norm
+    held by the top 1% of tokens; `massive_summary`).
     """
     from tqdm.auto import tqdm
 
     maps = layer_maps(teacher, students, layers, layer_map)
-    stats = {label: _StudentStats(maps[label]) for label in students}
+    if bootstrap < 0 or massive_factor < 0:
+        raise ConfigError(f"bootstrap ({bootstrap}) and massive_factor ({massive_factor}) must be >= 0")
+    stats = {label: _StudentStats(maps[label], bootstrap > 0) for label in students}
     teacher_layers = sorted({t for m in maps.values() for t in m.teacher_layers})
+    teacher_features = {t: SequenceFeatures() for t in teacher_layers} if bootstrap > 0 else {}
+    shares = _NormShares(teacher_layers)
+    sequences_seen = 0
     teacher_nll, teacher_tokens = 0.0, 0
     captures = {label: LayerCapture(model, maps[label].student_layers, detach=True)
                 for label, model in students.items()}
@@ -152,6 +225,13 @@ def measure_fidelity(teacher: nn.Module, students: dict[str, nn.Module], batches
                 nll, count = next_token_nll(t_logits, batch["input_ids"], batch.get("attention_mask"))
                 teacher_nll += float(nll)
                 teacher_tokens += count
+                sequence = rows // batch["input_ids"].shape[1] + sequences_seen
+                sequences_seen += batch["input_ids"].shape[0]
+                keep = {t: _robust_rows(teacher_states[t], massive_factor) for t in teacher_layers}
+                for t in teacher_layers:
+                    shares.add(t, teacher_states[t].float().pow(2).sum(1))
+                    if bootstrap > 0:
+                        teacher_features[t].add(teacher_states[t][keep[t]], sequence[keep[t]])
                 real = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
                 n_real = int(real.sum())
                 t_top1 = t_logits.argmax(-1)
@@ -166,13 +246,17 @@ def measure_fidelity(teacher: nn.Module, students: dict[str, nn.Module], batches
                     st.nll_tokens += count
                     st.agree += int(((s_logits.argmax(-1) == t_top1) & real).sum())
                     for s, t in st.layer_map.pairs:
-                        st.cka[s].update(student_states[s], teacher_states[t])
+                        st.cka[s].update(student_states[s][keep[t]], teacher_states[t][keep[t]])
+                        if bootstrap > 0:
+                            st.features[s].add(student_states[s][keep[t]], sequence[keep[t]])
     finally:
         teacher_capture.remove()
         for capture in captures.values():
             capture.remove()
-    results = {label: st.result(label) for label, st in stats.items()}
-    teacher_stats = {"perplexity": math.exp(teacher_nll / max(teacher_tokens, 1)), "predicted_tokens": teacher_tokens}
+    results = {label: st.result(label, teacher_features, bootstrap) for label, st in stats.items()}
+    massive = shares.rows()
+    teacher_stats = {"perplexity": math.exp(teacher_nll / max(teacher_tokens, 1)), "predicted_tokens": teacher_tokens,
+                     "massive": massive, "massive_summary": massive_summary(massive), "massive_factor": massive_factor}
     return results, teacher_stats
 
 

@@ -88,6 +88,7 @@ def run_lm_eval(
     device: str | None = None,
     include_defaults: bool = True,
     bootstrap_iters: int = 100000,
+    samples: dict[str, list[int]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate an in-memory HF causal LM on lm-eval ``tasks``; return ``{task: {metric: value}}``.
 
@@ -96,7 +97,9 @@ def run_lm_eval(
     model there first (default: leave it where it is). ``include_defaults=False`` skips indexing
     lm-eval's ~15k built-in task configs (several seconds) when only ``include_path`` tasks are needed.
     Metric names lose the ``,none`` suffix; standard errors appear as ``<metric>_stderr``; ``samples``
-    counts the documents evaluated (see :func:`compact_results`). The model's train/eval mode is restored.
+    counts the documents evaluated (see :func:`compact_results`). ``samples``: ``{task: document indices}``
+    to evaluate instead of the first ``limit`` (lm-eval's own option; not with ``limit``). The model's
+    train/eval mode is restored.
     MissingDependencyError when lm-eval is not installed.
     """
     if isinstance(tasks, str) or not isinstance(tasks, Sequence) or not tasks:
@@ -105,6 +108,8 @@ def run_lm_eval(
         raise ConfigError(f"task names must be non-empty strings, got {list(tasks)!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"lm-eval limit must be an integer >= 1, got {limit!r}")
+    if samples is not None and limit is not None:
+        raise ConfigError("give lm-eval either limit or samples, not both")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if num_fewshot is not None and (
@@ -148,6 +153,7 @@ def run_lm_eval(
                 tasks=list(tasks),
                 task_manager=task_manager,
                 limit=limit,
+                samples=samples,
                 num_fewshot=num_fewshot,
                 log_samples=False,
                 bootstrap_iters=bootstrap_iters,

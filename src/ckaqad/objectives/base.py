@@ -24,13 +24,15 @@ DEFAULT_CHUNK_TOKENS = 1024
 class ForwardOutputs:
     """One micro-batch: logits `(B, T, V)`, the batch (`input_ids`, `attention_mask`), and the captured
     hidden states `{pair index: (m, d)}` of student and teacher at the sampled rows (empty when no
-    objective needs them)."""
+    objective needs them). Under torchrun the batch and the rows are this rank's slice of the global batch."""
 
     student_logits: torch.Tensor
     teacher_logits: torch.Tensor
     batch: dict[str, torch.Tensor]
     student_states: dict[int, torch.Tensor] = field(default_factory=dict)
     teacher_states: dict[int, torch.Tensor] = field(default_factory=dict)
+    row_counts: list[int] | None = None
+    """under torchrun, every rank's number of sampled state rows (the CKA term gathers them); else None"""
 
 
 @dataclass

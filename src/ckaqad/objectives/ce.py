@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from ckaqad.errors import ConfigError
 from ckaqad.objectives.base import DEFAULT_CHUNK_TOKENS, ForwardOutputs, register_objective
+from ckaqad.objectives.ranks import distributed, global_count, sum_over_ranks
 
 
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
@@ -48,4 +49,7 @@ class CEObjective:
 
     def __call__(self, out: ForwardOutputs) -> torch.Tensor:
         nll, count = next_token_nll(out.student_logits, out.batch["input_ids"], out.batch.get("attention_mask"))
-        return nll / max(count, 1)
+        if not distributed():
+            return nll / max(count, 1)
+        total = global_count(torch.tensor(float(count), device=nll.device))
+        return sum_over_ranks(nll / total.clamp_min(1.0))

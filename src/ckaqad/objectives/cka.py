@@ -8,20 +8,29 @@ from dataclasses import dataclass
 
 import torch
 
-from ckaqad.cka import linear_cka
+from ckaqad.cka import distributed_linear_cka, linear_cka
 from ckaqad.errors import ConfigError
 from ckaqad.objectives.base import ForwardOutputs, register_objective
+from ckaqad.objectives.ranks import distributed
 
 
-def cka_term(student_states: dict[int, torch.Tensor], teacher_states: dict[int, torch.Tensor]
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean_l (1 − CKA_l), the (L,) tensor of each pair's CKA) over the keys of `student_states`."""
+def cka_term(student_states: dict[int, torch.Tensor], teacher_states: dict[int, torch.Tensor],
+             row_counts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean_l (1 − CKA_l), the (L,) tensor of each pair's CKA) over the keys of `student_states`.
+
+    `row_counts` (under torchrun: every rank's number of sampled rows) makes each CKA the one of the union of
+    all ranks' rows (`cka.distributed_linear_cka`), the same value on every rank."""
     if not student_states:
         raise ConfigError("the CKA term needs at least one layer")
     device_type = next(iter(student_states.values())).device.type
+
+    def one(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if row_counts is None or not distributed():
+            return linear_cka(x, y)
+        return distributed_linear_cka(x, y, row_counts)
+
     with torch.autocast(device_type=device_type, enabled=False):
-        values = torch.stack([linear_cka(x.float(), teacher_states[key].float())
-                              for key, x in student_states.items()])
+        values = torch.stack([one(x.float(), teacher_states[key].float()) for key, x in student_states.items()])
     return (1.0 - values).mean(), values.detach()
 
 
@@ -56,5 +65,5 @@ class CKAObjective:
         self.last_layers: torch.Tensor | None = None
 
     def __call__(self, out: ForwardOutputs) -> torch.Tensor:
-        term, self.last_layers = cka_term(out.student_states, out.teacher_states)
+        term, self.last_layers = cka_term(out.student_states, out.teacher_states, out.row_counts)
         return term

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from ckaqad.errors import ConfigError
 from ckaqad.objectives.base import DEFAULT_CHUNK_TOKENS, ForwardOutputs, register_objective
+from ckaqad.objectives.ranks import distributed, global_count, sum_over_ranks
 
 
 def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -71,10 +72,12 @@ class _ChunkedKL(torch.autograd.Function):
 
 def chunked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
                temperature: float = 1.0, topk: int = 0, tail: bool = False,
-               chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+               chunk_tokens: int = DEFAULT_CHUNK_TOKENS, count: torch.Tensor | None = None) -> torch.Tensor:
     """Mean KL(teacher ‖ student) per token over `mask` (default all), differentiable w.r.t. the student.
 
-    Logits (..., V) in any dtype; token dims are flattened. Equal to the mean of `kl_per_token`.
+    Logits (..., V) in any dtype; token dims are flattened. Equal to the mean of `kl_per_token`. `count`
+    replaces the divisor (the mask's token count): the global batch's count gives this rank's share of the
+    global mean.
     """
     vocab = student_logits.shape[-1]
     if teacher_logits.shape[-1] != vocab:
@@ -83,11 +86,9 @@ def chunked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     teacher = teacher_logits.reshape(-1, vocab).detach()
     weights = torch.ones(student.shape[0], device=student.device) if mask is None else \
         mask.reshape(-1).to(torch.float32)
-    count = weights.sum().clamp_min(1.0)
+    count = weights.sum().clamp_min(1.0) if count is None else count.to(weights.device).clamp_min(1.0)
     total = _ChunkedKL.apply(student, teacher, weights / count, temperature, topk, tail, chunk_tokens)
     return total
-
-
 
 
 @dataclass
@@ -117,5 +118,12 @@ class KLObjective:
 
     def __call__(self, out: ForwardOutputs) -> torch.Tensor:
         c = self.config
-        return chunked_kl(out.student_logits, out.teacher_logits, out.batch.get("attention_mask"), c.temperature,
-                          c.topk, c.topk_tail)
+        mask = out.batch.get("attention_mask")
+        if not distributed():
+            return chunked_kl(out.student_logits, out.teacher_logits, mask, c.temperature, c.topk, c.topk_tail)
+        # Under torchrun: this rank's tokens over the global count of valid tokens (torchtitan's global token
+        # normalisation), summed over ranks for the value.
+        local = out.student_logits[..., 0].numel() if mask is None else mask.sum()
+        count = global_count(torch.as_tensor(local, device=out.student_logits.device))
+        return sum_over_ranks(chunked_kl(out.student_logits, out.teacher_logits, mask, c.temperature, c.topk,
+                                         c.topk_tail, count=count))

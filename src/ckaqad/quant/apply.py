@@ -114,7 +114,7 @@ def calibrate(student: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) ->
     # quantize every weight to 0 and starve the later layers' activation amaxes).
     for m in layers.values():
         if m.frozen_weight_global and m.uses_global_scale:
-            m.weight_amax.copy_(m.group.weight_amax() if m.group else m.weight.detach().abs().amax().float())
+            m.weight_amax.copy_(m.current_weight_amax())
     needs_inputs = [m for m in layers.values() if m.quantize_input and m.uses_global_scale]
     used = 0
     if needs_inputs:
@@ -130,6 +130,8 @@ def calibrate(student: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) ->
                 m.calibrating = False
         if used == 0:
             raise ConfigError("calibration needs at least one batch of data")
+    for m in needs_inputs:
+        m.input_amax.copy_(m.global_amax(m.input_amax))
     groups = {id(m.group): m.group for m in layers.values() if m.group is not None}
     for group in groups.values():
         if group.members[0].quantize_input:

@@ -17,7 +17,13 @@ from torch.nn import functional as F
 
 from ckaqad.errors import ConfigError
 from ckaqad.formats import CALIBRATED_FORMATS, FORMATS, get_format, nvfp4
-from ckaqad.formats.nvfp4_runtime import runtime_dequantize_weight, runtime_fake_quantize
+from ckaqad.formats.nvfp4_runtime import (
+    pow2_global_amax,
+    runtime_dequantize_weight,
+    runtime_fake_quantize,
+    vllm_emulation_dequantize_weight,
+    vllm_emulation_fake_quantize,
+)
 from ckaqad.formats.ste import straight_through
 from ckaqad.registry import unknown_name
 
@@ -25,9 +31,19 @@ from ckaqad.registry import unknown_name
 SCHEMES: dict[str, bool] = {"w4a16": False, "w4a4": True}
 WEIGHT_GLOBAL_MODES = ("dynamic", "frozen")
 # How the forward computes the fake-quantized values: "reference" is ckaqad's fp32 arithmetic
-# (formats/nvfp4.py); "runtime" is compressed-tensors' served forward, op for op (formats/nvfp4_runtime.py).
-ARITHMETICS = ("reference", "runtime")
+# (formats/nvfp4.py); "runtime" is compressed-tensors' served forward, op for op (formats/nvfp4_runtime.py);
+# "vllm-emulation" is vLLM's NVFP4 emulation of the same checkpoint (reciprocal global scales).
+# The served ones (SERVED_FUNCTIONS below) run in the model's dtype with the checkpoint's float32 global scales.
+ARITHMETICS = ("reference", "runtime", "vllm-emulation")
 RUNTIME_FORMATS = ("nvfp4",)
+# Global scales: "exact" is amax/(6·448) (every peer's choice); "pow2" rounds the amax up to 2688·2^-k, so the
+# global scale is a power of two and every dequantized value is exact in bf16 in any runtime
+# (formats/nvfp4_runtime.py; docs/serving.md#power-of-two-global-scales).
+GLOBAL_SCALES = ("exact", "pow2")
+# The tensors a quantized student holds in high precision (norms, embeddings, unquantized Linear layers such as
+# the head): "frozen" rounds them to bf16, as the export stores them, and does not train them; "train" keeps
+# float32 masters that train and are rounded only by the export (the run then measures a model nobody serves).
+HIGH_PRECISION = ("frozen", "train")
 # Modules left in high precision by default: the output head and MoE routers (embeddings and norms are
 # not Linear layers, so they are never swapped).
 DEFAULT_EXCLUDE = ("lm_head", "*.router", "*.gate")
@@ -52,7 +68,11 @@ class QuantConfig:
     clip_gradient: bool = False
     """zero the straight-through gradient where |x| exceeds the global amax"""
     arithmetic: str = "reference"
-    """reference (ckaqad's) or runtime: compute what compressed-tensors' served forward computes, element for element"""
+    """reference (ckaqad's), runtime (compressed-tensors' served forward, element for element) or vllm-emulation"""
+    global_scale: str = "exact"
+    """NVFP4 global scales: exact (amax/2688) or pow2 (amax rounded up to 2688*2^-k: exact in bf16 in any runtime)"""
+    high_precision: str = "frozen"
+    """norms, embeddings and unquantized layers: frozen (rounded to bf16 as the export stores them) or train (fp32)"""
 
     def __post_init__(self) -> None:
         FORMATS.check(self.format)
@@ -62,9 +82,15 @@ class QuantConfig:
             raise unknown_name("weight global mode (--weight-global)", self.weight_global, WEIGHT_GLOBAL_MODES)
         if self.arithmetic not in ARITHMETICS:
             raise unknown_name("arithmetic (--arithmetic)", self.arithmetic, ARITHMETICS)
-        if self.arithmetic == "runtime" and self.format not in RUNTIME_FORMATS:
-            raise ConfigError(f"--arithmetic runtime is only available for {', '.join(RUNTIME_FORMATS)} "
-                              f"(the compressed-tensors runtime), not {self.format}")
+        if self.arithmetic in SERVED_FUNCTIONS and self.format not in RUNTIME_FORMATS:
+            raise ConfigError(f"--arithmetic {self.arithmetic} is only available for {', '.join(RUNTIME_FORMATS)} "
+                              f"(a serving runtime's arithmetic), not {self.format}")
+        if self.global_scale not in GLOBAL_SCALES:
+            raise unknown_name("global scale (--global-scale)", self.global_scale, GLOBAL_SCALES)
+        if self.global_scale == "pow2" and self.format not in CALIBRATED_FORMATS:
+            raise ConfigError(f"--global-scale pow2 needs a format with global scales, not {self.format}")
+        if self.high_precision not in HIGH_PRECISION:
+            raise unknown_name("high-precision policy (--high-precision)", self.high_precision, HIGH_PRECISION)
         if self.calib_batches < 1 or self.calib_batch_size < 1:
             raise ConfigError("--calib-batches and --calib-batch-size must be at least 1")
         # `--exclude a,b` and `--exclude a b` (and a YAML list) name the same patterns.
@@ -72,7 +98,7 @@ class QuantConfig:
 
     @property
     def runtime_arithmetic(self) -> bool:
-        return self.arithmetic == "runtime"
+        return self.arithmetic in SERVED_FUNCTIONS
 
     @property
     def quantize_inputs(self) -> bool:
@@ -94,10 +120,13 @@ class SiblingGroup:
             member.group = self
 
     def weight_amax(self) -> torch.Tensor:
+        """The members' joint weight amax, as the global scale takes it (pow2-rounded where configured).
+        """
         # Recomputed on every call, not cached on tensor versions: FSDP2's all-gather refills the same storage
         # and preserves version counters, so such a cache goes stale silently. It reads the group's weights
         # once, which is small next to fake-quantizing them.
-        return torch.stack([m.weight.detach().abs().amax().float() for m in self.members]).amax()
+        amax = torch.stack([m.weight.detach().abs().amax().float() for m in self.members]).amax()
+        return self.members[0].global_amax(amax)
 
     def share_input_amax(self) -> None:
         amax = torch.stack([m.input_amax for m in self.members]).amax()
@@ -118,6 +147,22 @@ def _runtime_weight(w: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     q = nvfp4.quantize(w.float(), amax)
     return runtime_dequantize_weight(q.codes, q.block_scales, nvfp4.reciprocal_global_scale(amax),
                                      dtype=torch.bfloat16).to(w.dtype)
+
+
+def _vllm_input(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """vLLM's emulated W4A4 input quantize-dequantize of the same checkpoint."""
+    return vllm_emulation_fake_quantize(x, nvfp4.reciprocal_global_scale(amax))
+
+
+def _vllm_weight(w: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """The weight vLLM's emulation serves for this master weight (the export's codes and scales)."""
+    q = nvfp4.quantize(w.float(), amax)
+    return vllm_emulation_dequantize_weight(q.codes, q.block_scales, nvfp4.reciprocal_global_scale(amax),
+                                            dtype=torch.bfloat16).to(w.dtype)
+
+
+# arithmetic -> (input fake-quant, weight fake-quant) of a served arithmetic, each (tensor, amax) -> tensor.
+SERVED_FUNCTIONS = {"runtime": (_runtime_input, _runtime_weight), "vllm-emulation": (_vllm_input, _vllm_weight)}
 
 
 class QuantLinear(nn.Module):
@@ -148,6 +193,7 @@ class QuantLinear(nn.Module):
         self.frozen_weight_global = config.weight_global == "frozen"
         self.clip_gradient = config.clip_gradient
         self.arithmetic = config.arithmetic
+        self.pow2_global_scale = config.global_scale == "pow2"
         self.config = config
         self.calibrating = False
         self.group: SiblingGroup | None = None
@@ -156,7 +202,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_amax", torch.zeros((), dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):
-        if self.arithmetic != "runtime":
+        if self.arithmetic not in SERVED_FUNCTIONS:
             return super()._apply(fn, recurse)
         # Runtime arithmetic: the global scales are float32 facts of the checkpoint; a dtype cast of the
         # model must not round them (it would change G), a device move still moves them.
@@ -170,19 +216,31 @@ class QuantLinear(nn.Module):
     def uses_global_scale(self) -> bool:
         return self.format_name in CALIBRATED_FORMATS
 
+    def global_amax(self, amax: torch.Tensor) -> torch.Tensor:
+        """The amax a global scale is taken from for this observed amax: itself, or rounded up to 2688·2^-k
+        with `global_scale="pow2"` (an all-zero tensor keeps amax 0)."""
+        if not self.pow2_global_scale:
+            return amax
+        return torch.where(amax > 0, pow2_global_amax(amax.clamp_min(torch.finfo(torch.float32).tiny)), amax)
+
+    def current_weight_amax(self) -> torch.Tensor:
+        """The weight global amax of the current weights (group-wide for fused siblings)."""
+        if self.group is not None:
+            return self.group.weight_amax()
+        return self.global_amax(self.weight.detach().abs().amax().float())
+
     def weight_global_amax(self) -> torch.Tensor | None:
-        """The amax the weight's global scale is taken from (group-wide for fused siblings)."""
+        """The amax the weight's global scale is taken from: frozen at calibration, or of the current weights."""
         if not self.uses_global_scale:
             return None
         if self.frozen_weight_global:
             return self.weight_amax
-        if self.group is not None:
-            return self.group.weight_amax()
-        return self.weight.detach().abs().amax().float()
+        return self.current_weight_amax()
 
     def _fake_quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.arithmetic == "runtime":
-            return straight_through(_runtime_weight, weight, self.weight_global_amax(), self.clip_gradient)
+        if self.arithmetic in SERVED_FUNCTIONS:
+            fake_quantize = SERVED_FUNCTIONS[self.arithmetic][1]
+            return straight_through(fake_quantize, weight, self.weight_global_amax(), self.clip_gradient)
         return get_format(self.format_name).fake_quantize(weight, self.weight_global_amax(), self.clip_gradient)
 
     def quantized_weight(self) -> torch.Tensor:
@@ -208,8 +266,8 @@ class QuantLinear(nn.Module):
         if group is not None and group.last_input is not None and group.last_input[0] is x:
             return group.last_input[1]
         amax = self.input_amax if self.uses_global_scale else None
-        if self.arithmetic == "runtime":
-            out = straight_through(_runtime_input, x, amax, self.clip_gradient)
+        if self.arithmetic in SERVED_FUNCTIONS:
+            out = straight_through(SERVED_FUNCTIONS[self.arithmetic][0], x, amax, self.clip_gradient)
         else:
             out = get_format(self.format_name).fake_quantize(x, amax, self.clip_gradient)
         if group is not None:
@@ -221,5 +279,5 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "w4a4" if self.quantize_input else "w4a16"
-        runtime = ", runtime arithmetic" if self.arithmetic == "runtime" else ""
+        runtime = f", {self.arithmetic} arithmetic" if self.arithmetic != "reference" else ""
         return f"in={self.in_features}, out={self.out_features}, format={self.format_name}, {mode}{runtime}"

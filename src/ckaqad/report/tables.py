@@ -70,3 +70,14 @@ def comparison_table(rows: dict[str, dict[str, float]], columns: list[str]) -> l
     for label, metrics in rows.items():
         lines.append(f"| {label} | " + " | ".join(cell(metrics.get(c)) for c in columns) + " |")
     return lines
+
+
+def spread_table(spread: dict) -> list[str]:
+    """The runtime-spread suite's result: one row per runtime variant and the spread (max − min) over the
+    deployments."""
+    columns = list(next(iter(spread["variants"].values())))
+    lines = [f"Runtime spread: {spread['blocks']} held-out blocks ({spread['tokens']} tokens, seed {spread['seed']}).",
+             "", *comparison_table(spread["variants"], columns)]
+    lines.append("| spread (max − min over deployments) | "
+                 + " | ".join(cell(spread["spread"][c]["range"]) for c in columns) + " |")
+    return lines

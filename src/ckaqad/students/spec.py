@@ -22,11 +22,11 @@ from ckaqad.data.blocks import TokenBlocks, eval_batches
 from ckaqad.errors import CheckpointError, ConfigError
 from ckaqad.export.reader import load_export
 from ckaqad.models.load import load_model
-from ckaqad.paths import RunDir, StudentDir, detect
-from ckaqad.quant.apply import QuantReport, calibrate, quantize_model_
+from ckaqad.paths import RunDir, ShardedCheckpointDir, StudentDir, detect
+from ckaqad.quant.apply import QuantReport, calibrate, quant_config_of, quant_linears, quantize_model_
 from ckaqad.quant.linear import QuantConfig
 from ckaqad.registry import Registry
-from ckaqad.students.store import check_vocabulary, load_student_dir
+from ckaqad.students.store import check_vocabulary, consolidate_sharded_checkpoint, load_student_dir
 
 STUDENT_KINDS: Registry[str] = Registry("student kind", flag="--student")
 STUDENT_KINDS.register("ptq", "the teacher's calibrated fake-quant copy (QuantConfig)")
@@ -53,6 +53,8 @@ def build_ptq_student(teacher: nn.Module, quant: QuantConfig, blocks: TokenBlock
     if not report.quantized:
         raise ConfigError(f"no Linear layer of this model can be quantized with {quant.format}: "
                           f"{next(iter(report.excluded.values()), 'none found')}")
+    if quant.high_precision == "frozen":
+        round_high_precision_(student)  # before calibration: the amaxes must see the served norms
     device = next(teacher.parameters()).device
     if quant.quantize_inputs:
         if blocks is None:
@@ -60,8 +62,53 @@ def build_ptq_student(teacher: nn.Module, quant: QuantConfig, blocks: TokenBlock
         calibrate(student, calibration_batches(blocks, quant, device))
     else:
         calibrate(student, iter(()))  # freezes weight amaxes where configured; no activations to observe
-    student.train(False).requires_grad_(True)
-    return student, report
+    return make_trainable(student.train(False)), report
+
+
+def high_precision_parameters(student: nn.Module) -> list[nn.Parameter]:
+    """The float parameters of a quantized student other than its quantized weights: norms, embeddings (a tied
+    head once), biases and unquantized Linear layers such as the head — what an export stores in bf16."""
+    quantized = {id(m.weight) for m in quant_linears(student).values()}
+    return [p for p in student.parameters() if p.is_floating_point() and id(p) not in quantized]
+
+
+@torch.no_grad()
+def round_high_precision_(student: nn.Module) -> None:
+    """Round the high-precision tensors to the bf16 values the export will hold (kept in their float32 dtype)."""
+    for p in high_precision_parameters(student):
+        p.copy_(p.to(torch.bfloat16))
+
+
+def make_trainable(student: nn.Module) -> nn.Module:
+    """Gradients on for what trains: every parameter, except that a quantized student with
+    `high_precision="frozen"` keeps its high-precision tensors at their bf16 values, without gradients, so that
+    the trained student is the served one (docs/method.md#high-precision-tensors)."""
+    student.requires_grad_(True)
+    quant = quant_config_of(student)
+    if quant is not None and quant.high_precision == "frozen":
+        round_high_precision_(student)
+        for p in high_precision_parameters(student):
+            p.requires_grad_(False)
+    return student
+
+
+def run_student_source(run: RunDir) -> StudentDir | ShardedCheckpointDir | None:
+    """Where a run's student comes from: its final student, else its newest checkpoint's student, or that
+    checkpoint itself when a torchrun job wrote it sharded (None: the run has no student yet)."""
+    found = run.final_or_latest_student()
+    latest = run.latest_checkpoint()
+    if found is None and latest is not None and ShardedCheckpointDir(latest.root).is_sharded():
+        return ShardedCheckpointDir(latest.root)
+    return found
+
+
+def run_student(run: RunDir) -> StudentDir | None:
+    """The student directory of `run_student_source`; a sharded checkpoint is converted once, offline, into
+    its student directory (`store.consolidate_sharded_checkpoint`)."""
+    source = run_student_source(run)
+    if isinstance(source, ShardedCheckpointDir):
+        return consolidate_sharded_checkpoint(source.root)
+    return source
 
 
 @dataclass
@@ -85,7 +132,7 @@ def load_student(spec: str | Path, teacher: nn.Module | None = None,
         model, _ = load_export(path, device=device)
         loaded = LoadedStudent(model, f"export:{path.name}", "export", path, {"source": str(path), "kind": "export"})
     elif kind in ("student", "run"):
-        student_dir = StudentDir(path) if kind == "student" else RunDir(path).final_or_latest_student()
+        student_dir = StudentDir(path) if kind == "student" else run_student(RunDir(path))
         if student_dir is None:
             raise CheckpointError(f"{spec} has no student checkpoint (no student/ and no complete checkpoint)")
         model, meta = load_student_dir(student_dir.root, device)

@@ -6,10 +6,15 @@ finite check → optimizer step → checkpoint → eval → log. Teacher hidden 
 rows inside its forward (`capture.LayerCapture`), so the CKA term costs almost no memory. Loss terms stay
 tensors until the end of a step, when one host transfer carries every logged number and the finite check.
 Evaluation is a callback (`Trainee.evaluate`), so the loop needs nothing from `eval/`.
+
+Under torchrun (`Trainee.world`, docs/distributed.md) every rank runs this loop on its slice of each global
+batch and its share of the CKA rows; the objective's terms are global values on every rank, so the logged
+record, the finite check and the skip decision agree everywhere, and only rank 0 logs and draws the bar.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -17,12 +22,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from ckaqad.capture import LayerCapture, LayerMap, select_rows, valid_token_mask
-from ckaqad.data.blocks import TokenBlocks, train_batches
+from ckaqad.capture import LayerCapture, LayerMap, rank_rows, select_rows, valid_token_mask
+from ckaqad.data.blocks import TokenBlocks, rank_slice, train_batches
 from ckaqad.errors import ConfigError, TrainingError
 from ckaqad.objectives.base import ForwardOutputs, LossParts
 from ckaqad.objectives.compose import TERM_FIELDS, Composite
+from ckaqad.parallel.dist import World, peer_failures_as_errors
+from ckaqad.parallel.fsdp import unsharded
 from ckaqad.paths import RunDir
 from ckaqad.train.checkpointer import CheckpointConfig, CheckpointManager
 from ckaqad.train.metrics import MetricsLog
@@ -44,13 +52,13 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """final learning rate as a fraction of the peak"""
     batch_size: int = 8
-    """blocks per micro-batch (the default 8 x 256 tokens leaves room for the default 1024 CKA rows)"""
+    """blocks per micro-batch, all processes together (8 x 256 tokens leave room for the default 1024 CKA rows)"""
     grad_accum: int = 1
     """micro-batches per optimizer step"""
     max_grad_norm: float = 1.0
     """gradient clipping norm (0 disables)"""
     cka_tokens: int = 1024
-    """token rows sampled per micro-batch for the CKA term (sinks and padding excluded)"""
+    """token rows sampled per micro-batch (all processes together) for the CKA term (sinks and padding excluded)"""
     n_sink: int = 1
     """leading positions of each sequence excluded from CKA (attention sinks)"""
     eval_every: int = 50
@@ -111,6 +119,8 @@ class Trainee:
     evaluate: Callable[[], dict]
     """held-out evaluation of the student (the command passes eval/fidelity); returns a flat dict"""
     start_step: int = 0
+    world: World = field(default_factory=World)
+    """this process's rank and the world size (World() for a plain process)"""
 
     @property
     def device(self) -> torch.device:
@@ -163,25 +173,48 @@ class Captures:
             if capture is not None:
                 capture.remove()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The hooks off for a held-out evaluation between steps."""
+        with contextlib.ExitStack() as stack:
+            for capture in (self.teacher, self.student):
+                if capture is not None:
+                    stack.enter_context(capture.paused())
+            yield
 
-def micro_step(trainee: Trainee, batch: dict, rows: torch.Tensor, captures: Captures) -> LossParts:
-    """Forward both models on one micro-batch and evaluate the objective (tensors only)."""
+
+def micro_step(trainee: Trainee, batch: dict, rows: torch.Tensor, captures: Captures,
+               row_counts: list[int] | None = None) -> LossParts:
+    """Forward both models on one micro-batch (this rank's slice under torchrun) and evaluate the objective
+    (tensors only)."""
     captures.set_rows(rows)
     with torch.no_grad(), autocast(trainee.device):
         t_logits = trainee.teacher(**batch).logits
     with autocast(trainee.device):
         s_logits = trainee.student(**batch).logits
     s_states, t_states = captures.paired_states()
-    return trainee.objective(ForwardOutputs(s_logits, t_logits, batch, s_states, t_states))
+    return trainee.objective(ForwardOutputs(s_logits, t_logits, batch, s_states, t_states, row_counts))
 
 
 def sample_rows(trainee: Trainee, batch: dict, step: int, micro: int) -> torch.Tensor:
-    """The CKA token rows of one micro-batch: a pure function of (seed, step, micro) so resumes agree."""
+    """The CKA token rows of one (global) micro-batch: a pure function of (seed, step, micro) so resumes
+    agree, and the same for any number of processes (each takes its share, `capture.rank_rows`)."""
     cfg = trainee.config
     mask = valid_token_mask(batch["input_ids"], batch.get("attention_mask"), cfg.n_sink,
                             tuple(i for i in (trainee.tokenizer.bos_token_id,) if i is not None))
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
     return select_rows(mask, cfg.cka_tokens, generator)
+
+
+def local_micro_batch(trainee: Trainee, batch: dict, rows: torch.Tensor
+                      ) -> tuple[dict, torch.Tensor, list[int] | None]:
+    """(this rank's slice of the global batch on its device, its rows, every rank's row count or None)."""
+    world, device = trainee.world, trainee.device
+    if not world.distributed:
+        return {k: v.to(device) for k, v in batch.items()}, rows.to(device), None
+    local = rank_slice(batch, world.rank, world.size)
+    mine, counts = rank_rows(rows, world.rank, world.size, local["input_ids"].numel())
+    return {k: v.to(device) for k, v in local.items()}, mine.to(device), counts
 
 
 def _scalar(value: torch.Tensor | float | None, device: torch.device) -> torch.Tensor:
@@ -198,9 +231,10 @@ def train_step(trainee: Trainee, step: int, data_iter: Iterator[dict], captures:
     micro_parts: list[LossParts] = []
     tokens = 0
     for micro in range(cfg.grad_accum):
-        batch = next(data_iter)
+        batch = next(data_iter)  # the global micro-batch, on the CPU
         tokens += batch["input_ids"].numel()
-        parts = micro_step(trainee, batch, sample_rows(trainee, batch, step, micro), captures)
+        local, rows, counts = local_micro_batch(trainee, batch, sample_rows(trainee, batch, step, micro))
+        parts = micro_step(trainee, local, rows, captures, counts)
         # A non-finite loss gives non-finite gradients; the single check below skips the update.
         (parts.loss / cfg.grad_accum).backward()
         micro_parts.append(parts)
@@ -208,7 +242,10 @@ def train_step(trainee: Trainee, step: int, data_iter: Iterator[dict], captures:
     if cfg.max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     else:
-        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) \
+            if not trainee.world.distributed else torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(grad_norm, DTensor):  # FSDP2: the norm of the full gradient, the same on every rank
+        grad_norm = grad_norm.full_tensor()
     # The one host transfer of the step: every logged scalar and the finite check.
     terms = ("loss", *TERM_FIELDS.values())
     scalars = torch.stack([_scalar(getattr(p, name), device) for p in micro_parts for name in terms]
@@ -255,43 +292,58 @@ def make_captures(trainee: Trainee) -> Captures:
 
 
 def evaluate(trainee: Trainee) -> dict:
-    """The held-out evaluation callback, with the student in eval mode for its duration."""
+    """The held-out evaluation callback, with the student in eval mode for its duration. Under torchrun every
+    rank evaluates the same blocks with the student's weights gathered (the evaluation quantizes each weight
+    once, outside any forward), so every rank returns the same record."""
     was_training = trainee.student.training
     trainee.student.eval()
     try:
-        return trainee.evaluate()
+        with unsharded(trainee.student):
+            return trainee.evaluate()
     finally:
         trainee.student.train(was_training)
+
+
+class _NoLog:
+    """What ranks other than 0 log: nothing (rank 0 writes metrics.jsonl and TensorBoard)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def train(trainee: Trainee) -> dict:
     """Run the loop from `trainee.start_step` to `config.steps`; return the final evaluation record."""
     from tqdm.auto import tqdm
 
-    cfg = trainee.config
-    log = MetricsLog(trainee.run, trainee.start_step)
-    manager = CheckpointManager(trainee.run.root, trainee.checkpoint)
+    cfg, world = trainee.config, trainee.world
+    log = MetricsLog(trainee.run, trainee.start_step) if world.is_main else _NoLog()
+    manager = CheckpointManager(trainee.run.root, trainee.checkpoint, world)
     captures = make_captures(trainee)
-    data_iter = train_batches(trainee.blocks.train, cfg.batch_size, cfg.seed, start=trainee.start_step * cfg.grad_accum,
-                              device=trainee.device)
+    data_iter = train_batches(trainee.blocks.train, cfg.batch_size, cfg.seed, start=trainee.start_step * cfg.grad_accum)
     trainee.student.train()
     bad_in_a_row = 0
     bar = tqdm(range(trainee.start_step, cfg.steps), initial=trainee.start_step, total=cfg.steps,
-               desc=trainee.objective.config.loss, disable=not cfg.progress, unit="step")
+               desc=trainee.objective.config.loss, disable=not (cfg.progress and world.is_main), unit="step")
     try:
-        for step in bar:
-            record = train_step(trainee, step, data_iter, captures)
-            bad_in_a_row = bad_in_a_row + 1 if record.skipped else 0
-            log.write({"kind": "train", **asdict(record)})
-            if bad_in_a_row >= cfg.max_bad_steps:
-                raise TrainingError(f"the loss was not finite for {bad_in_a_row} steps in a row (step {record.step}); "
-                                    "lower --lr or check the data")
-            bar.set_postfix(_postfix(record))
-            if manager.should_save(record.step, cfg.steps):
-                manager.save(record.step, trainee.student, trainee.optimizer, trainee.scheduler)
-            if cfg.eval_every and record.step % cfg.eval_every == 0 and record.step != cfg.steps:
-                log.write({"kind": "eval", "step": record.step, **evaluate(trainee)})
-        final = {"kind": "eval", "step": cfg.steps, **evaluate(trainee)}
+        with peer_failures_as_errors(world):
+            for step in bar:
+                record = train_step(trainee, step, data_iter, captures)
+                bad_in_a_row = bad_in_a_row + 1 if record.skipped else 0
+                log.write({"kind": "train", **asdict(record)})
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise TrainingError(f"the loss was not finite for {bad_in_a_row} steps in a row (step "
+                                        f"{record.step}); lower --lr or check the data")
+                bar.set_postfix(_postfix(record))
+                if manager.should_save(record.step, cfg.steps):
+                    manager.save(record.step, trainee.student, trainee.optimizer, trainee.scheduler)
+                if cfg.eval_every and record.step % cfg.eval_every == 0 and record.step != cfg.steps:
+                    with captures.paused():
+                        log.write({"kind": "eval", "step": record.step, **evaluate(trainee)})
+            with captures.paused():
+                final = {"kind": "eval", "step": cfg.steps, **evaluate(trainee)}
         log.write(final)
     finally:
         captures.remove()

@@ -1,0 +1,172 @@
+"""Single-process tests of ckaqad.parallel and the rank-aware pieces of data/ and capture/: the global batch is
+the union of the rank slices in order, the CKA rows of every rank are the global rows, the planner's shapes
+count what transformers builds, and the torchrun switch leaves a plain process alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from ckaqad.capture import rank_rows, select_rows, valid_token_mask
+from ckaqad.data.blocks import rank_slice, train_batches
+from ckaqad.errors import ConfigError, DataError, TrainingError
+from ckaqad.objectives.kl import chunked_kl
+from ckaqad.parallel import dist as pdist
+from ckaqad.parallel.config import ParallelConfig
+from ckaqad.parallel.fsdp import choose_teacher_sharding
+from ckaqad.parallel.memory import SHAPES, LlamaShape, plan_memory, resolve_shape, shard_elements
+
+BLOCKS = torch.arange(40 * 8).view(40, 8)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_rank_slices_in_rank_order_are_the_global_batch(world):
+    # N ranks x b blocks see exactly what one process of N*b blocks sees, at every step (epochs included)
+    for step, batch in zip(range(12), train_batches(BLOCKS, 8, seed=3), strict=False):
+        slices = [rank_slice(batch, r, world) for r in range(world)]
+        assert torch.equal(torch.cat([s["input_ids"] for s in slices]), batch["input_ids"]), step
+        assert all(s["input_ids"].shape[0] == 8 // world for s in slices)
+
+
+def test_a_batch_that_does_not_split_is_a_data_error():
+    batch = next(train_batches(BLOCKS, 6, seed=0))
+    with pytest.raises(DataError, match="multiple of the number of processes"):
+        rank_slice(batch, 0, 4)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_ranks_cka_rows_are_its_share_of_the_global_rows(world):
+    ids = torch.randint(0, 50, (8, 16), generator=torch.Generator().manual_seed(0))
+    ids[3, 5] = 0  # an excluded token id
+    mask = valid_token_mask(ids, None, n_sink=1, exclude_token_ids=(0,))
+    rows = select_rows(mask, 37, torch.Generator().manual_seed(11))
+    per_rank = (8 // world) * 16
+    shares, counts = zip(*(rank_rows(rows, r, world, per_rank) for r in range(world)), strict=True)
+    assert all(c == list(counts[0]) for c in counts)  # every rank knows every rank's count
+    assert sum(counts[0]) == rows.numel() == 37
+    # mapped back to global positions, the shares in rank order are the global rows
+    back = torch.cat([share + r * per_rank for r, share in enumerate(shares)])
+    assert torch.equal(back, rows)
+    # each share indexes the rank's own slice: the same tokens as the global rows pick
+    for r, share in enumerate(shares):
+        local = ids[r * (8 // world):(r + 1) * (8 // world)].flatten()
+        assert torch.equal(local[share], ids.flatten()[rows[rows // per_rank == r]])
+    # a pure function of (seed, step, micro): the same generator seed gives the same rows
+    assert torch.equal(select_rows(mask, 37, torch.Generator().manual_seed(11)), rows)
+
+
+def test_a_plain_process_has_no_process_group(monkeypatch):
+    for name in pdist.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    world, created = pdist.init_world("cpu", 10.0)
+    assert world == pdist.World() and not created and not world.distributed and world.is_main
+    assert world.device("cpu") == "cpu"
+    assert not pdist.launched_by_torchrun()
+    assert pdist.launched_by_torchrun({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h",
+                                       "MASTER_PORT": "1"})
+    # the collectives are the identity without a group
+    t = torch.tensor([1.0, 2.0])
+    assert torch.equal(pdist.all_reduce_(t.clone()), t)
+    assert pdist.broadcast_text("x") == "x"
+
+
+def test_a_failed_collective_becomes_one_training_error_line():
+    world = pdist.World(rank=1, size=2)
+    error = pdist.lost_peer_error(world, RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:1234\nmore"))
+    assert isinstance(error, TrainingError)
+    assert str(error).startswith("rank 1 of 2: lost contact with the other processes ([gloo] Connection closed")
+    assert "\n" not in str(error) and "--resume" in str(error)
+    assert pdist.is_collective_failure(RuntimeError("Connection reset by peer"))
+    assert not pdist.is_collective_failure(ValueError("Connection closed by peer"))
+    assert not pdist.is_collective_failure(RuntimeError("shape mismatch"))
+
+
+def test_parallel_config_checks_its_flags():
+    with pytest.raises(ConfigError, match="teacher sharding"):
+        ParallelConfig(teacher_sharding="half")
+    with pytest.raises(ConfigError, match="--dist-timeout must be positive"):
+        ParallelConfig(dist_timeout=0)
+
+
+def test_teacher_sharding_auto_replicates_up_to_a_quarter_of_a_rank():
+    assert choose_teacher_sharding("auto", 20 * 2**30, 80 * 2**30) == "replicate"
+    assert choose_teacher_sharding("auto", 21 * 2**30, 80 * 2**30) == "shard"
+    assert choose_teacher_sharding("replicate", 200 * 2**30, 80 * 2**30) == "replicate"
+    assert choose_teacher_sharding("shard", 1, 80 * 2**30) == "shard"
+
+
+# ------------------------------------------------------------------------------------------------ planner
+
+
+@pytest.mark.parametrize(("rows", "world"), [(259, 2), (7, 4), (3, 8), (64, 2), (1, 3)])
+def test_shard_elements_are_torch_chunk_sizes(rows, world):
+    chunks = torch.chunk(torch.empty(rows, 5), world)
+    for rank in range(world):
+        want = chunks[rank].numel() if rank < len(chunks) else 0
+        assert shard_elements((rows, 5), world, rank) == want
+    assert sum(shard_elements((rows, 5), world, r) for r in range(world)) == rows * 5
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_shape_counts_what_transformers_builds(tied):
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = transformers.LlamaForCausalLM(config)
+    shape = LlamaShape.from_config(config.to_dict(), "tiny")
+    assert shape.parameters == sum(p.numel() for p in model.parameters())
+    assert sorted(shape.parameter_shapes()) == sorted(tuple(p.shape) for p in model.parameters())
+
+
+def test_builtin_shapes_have_the_published_parameter_counts():
+    assert SHAPES["llama-3.1-8b"].parameters == 8_030_261_248
+    assert SHAPES["llama-3.1-70b"].parameters == 70_553_706_496
+    assert SHAPES["smollm2-135m"].parameters == 134_515_008
+    assert resolve_shape("default") == SHAPES["smollm2-135m"]
+    with pytest.raises(ConfigError, match="neither a built-in shape"):
+        resolve_shape("llama-9000")
+
+
+def test_sharding_divides_the_student_state_and_checkpointing_the_activations():
+    shape = SHAPES["llama-3.1-8b"]
+    one = plan_memory(shape, 1, 8, 1024, teacher_sharded=False)
+    eight = plan_memory(shape, 8, 8, 1024, teacher_sharded=True)
+    assert one.student_masters == shape.parameters * 4
+    assert math.isclose(eight.student_masters * 8, one.student_masters, rel_tol=1e-4)
+    assert math.isclose(eight.teacher * 8, one.teacher, rel_tol=1e-4)
+    # frozen high-precision tensors (the default) carry no gradient or AdamW state
+    trained = shape.layers * shape.block_linear_parameters
+    assert one.gradients == trained * 4 and one.optimizer == trained * 8 + 4 * shape.layers * 7
+    assert plan_memory(shape, 1, 8, 1024, False, train_high_precision=True).gradients == shape.parameters * 4
+    assert one.activations_checkpointed < one.activations / 10
+    assert eight.tokens_per_rank == 1024 and one.tokens_per_rank == 8 * 1024
+
+
+def test_chunked_kl_takes_the_global_token_count_as_its_divisor():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 9, generator=g), torch.randn(2, 5, 9, generator=g)
+    mask = torch.ones(2, 5)
+    mean = chunked_kl(s, t, mask)
+    # this rank's share when the global batch holds three times its 10 tokens
+    assert torch.allclose(chunked_kl(s, t, mask, count=torch.tensor(30.0)), mean / 3, rtol=1e-6)
+    assert torch.equal(chunked_kl(s, t, mask, count=torch.tensor(10.0)), mean)
+
+
+def test_bench_step_distributed_mode_in_one_process(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_step.py"
+    spec = importlib.util.spec_from_file_location("bench_step_distributed", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_step_distributed", bench)
+    spec.loader.exec_module(bench)
+    payload = bench.main(["--distributed", "--quick"])
+    assert [r["loss"] for r in payload["results"]] == ["kl", "kl+cka"]
+    for r in payload["results"]:
+        assert r["processes"] == 1 and r["tokens_per_s"] == pytest.approx(2 * 32 / (r["step_ms"] / 1e3))
+        assert r["ranks"][0]["peak_mb"] > 0 and r["ranks"][0]["state_mb"] > 0
+    assert "QAD step across processes (FSDP2)" in capsys.readouterr().out
