@@ -21,7 +21,7 @@ import yaml
 
 from ckaqad import __version__, cli
 from ckaqad.commands import COMMANDS
-from ckaqad.errors import ConfigError, ModelError
+from ckaqad.errors import ConfigError, LostPeerError, ModelError
 from ckaqad.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -644,6 +644,21 @@ def test_other_exceptions_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(COMMANDS.get("distill"), "run", bug)
     with pytest.raises(ZeroDivisionError):
         cli.main(["distill"])
+
+
+def test_a_lost_peer_ends_the_process_at_once_only_inside_a_process_group(capsys, monkeypatch):
+    def lost(config):
+        raise LostPeerError("rank 1 of 2: lost contact with the other processes (Timed out)")
+
+    monkeypatch.setattr(COMMANDS.get("distill"), "run", lost)
+    assert cli.main(["distill"]) == 2  # no group (this test process): a plain return
+    ended = []
+    monkeypatch.setattr(cli, "group_is_joined", lambda: True)
+    monkeypatch.setattr(cli, "exit_without_teardown", ended.append)
+    cli.main(["distill"])
+    assert ended == [2]
+    assert capsys.readouterr().err.splitlines() == [
+        "ckaqad: error: rank 1 of 2: lost contact with the other processes (Timed out)"] * 2
 
 
 def test_ctrl_c_is_exit_130(capsys, monkeypatch):

@@ -9,7 +9,8 @@ flags win. `--resume DIR` (distill) puts the run's saved `config.yaml` under bot
 which fields may change on resume.
 
 This is the one place that catches `CkaqadError`: it prints `ckaqad: error: ...` on one line and returns 2,
-as it does for a command line tyro rejects. Ctrl-C returns 130; any other exception keeps its traceback.
+as it does for a command line tyro rejects (after a lost peer of a torchrun job it ends the process with code 2
+at once: `parallel.dist.exit_without_teardown`). Ctrl-C returns 130; any other exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import yaml
 
 from ckaqad import __version__
 from ckaqad.commands import COMMANDS
-from ckaqad.errors import CkaqadError, ConfigError
+from ckaqad.errors import CkaqadError, ConfigError, LostPeerError
+from ckaqad.parallel.dist import exit_without_teardown, group_is_joined
 from ckaqad.paths import RunDir
 from ckaqad.registry import close_matches
 
@@ -362,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     except CkaqadError as exc:
         message = " ".join(str(exc).split())  # one line, even when it quotes a multi-line library error
         print(f"ckaqad: error: {message}", file=sys.stderr)
+        if isinstance(exc, LostPeerError) and group_is_joined():
+            exit_without_teardown(2)  # a backend thread may still wait on the lost peer: no clean exit exists
         return 2
     except KeyboardInterrupt:
         print("ckaqad: interrupted", file=sys.stderr)

@@ -34,6 +34,12 @@ class TrainingError(CkaqadError):
     """Training cannot continue (for example, the loss stayed non-finite)."""
 
 
+class LostPeerError(TrainingError):
+    """A collective failed because another process of the job died, closed its connection or stopped answering.
+    The process group cannot be left cleanly after this (a backend thread may still wait on that peer), so
+    `cli.main` ends the process right after printing the error."""
+
+
 class MissingDependencyError(CkaqadError):
     """An optional package that a command needs is not installed; the message says how to install it."""
 

@@ -1,6 +1,8 @@
 """A rank that stops answering: rank 1 joins the process group (ckaqad's `init_world`, 2 s timeout) and then
-sleeps; rank 0's next collective must fail after the timeout as one `TrainingError`. Rank 0 writes what it saw
-to OUT.json. Launched by tests/parallel/test_distributed.py with torchrun's variables and no agent."""
+sleeps; rank 0's next collective must fail after the timeout as one `LostPeerError`. Rank 0 writes what it saw
+to OUT.json and ends as `cli.main` does after a lost peer (`exit_without_teardown(2)`): a plain exit here can
+die of SIGABRT while gloo's thread still waits on rank 1. Launched by tests/parallel/test_distributed.py with
+torchrun's variables and no agent."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ckaqad.errors import TrainingError
-from ckaqad.parallel.dist import all_reduce_, init_world, peer_failures_as_errors
+from ckaqad.errors import LostPeerError
+from ckaqad.parallel.dist import all_reduce_, exit_without_teardown, init_world, peer_failures_as_errors
 
 # Both ranks finish importing before either joins: the 2 s timeout also bounds the rendezvous, and a loaded
 # machine can start one interpreter seconds after the other.
@@ -32,7 +34,8 @@ try:
     with peer_failures_as_errors(world):
         all_reduce_(torch.ones(1))
     seen = {"error": None}
-except TrainingError as exc:
+except LostPeerError as exc:
     seen = {"error": str(exc)}
 seen["elapsed_s"] = time.monotonic() - start
 out.write_text(json.dumps(seen))
+exit_without_teardown(2)

@@ -231,7 +231,7 @@ def test_a_stuck_rank_fails_the_collective_after_the_timeout(tmp_path):
         procs.append(subprocess.Popen([sys.executable, str(HERE / "stuck_worker.py"), str(tmp_path / "seen.json")],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
-        assert procs[0].wait(timeout=60) == 0, procs[0].communicate()[1][-2000:]
+        assert procs[0].wait(timeout=60) == 2, procs[0].communicate()[1][-2000:]  # not -6 (SIGABRT)
     finally:
         procs[1].kill()
         procs[1].wait()

@@ -15,7 +15,7 @@ import transformers
 
 from ckaqad.capture import rank_rows, select_rows, valid_token_mask
 from ckaqad.data.blocks import rank_slice, train_batches
-from ckaqad.errors import ConfigError, DataError, TrainingError
+from ckaqad.errors import ConfigError, DataError, LostPeerError, TrainingError
 from ckaqad.objectives.kl import chunked_kl
 from ckaqad.parallel import dist as pdist
 from ckaqad.parallel.config import ParallelConfig
@@ -76,10 +76,10 @@ def test_a_plain_process_has_no_process_group(monkeypatch):
     assert pdist.broadcast_text("x") == "x"
 
 
-def test_a_failed_collective_becomes_one_training_error_line():
+def test_a_failed_collective_becomes_one_lost_peer_error_line():
     world = pdist.World(rank=1, size=2)
     error = pdist.lost_peer_error(world, RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:1234\nmore"))
-    assert isinstance(error, TrainingError)
+    assert isinstance(error, LostPeerError) and isinstance(error, TrainingError)
     assert str(error).startswith("rank 1 of 2: lost contact with the other processes ([gloo] Connection closed")
     assert "\n" not in str(error) and "--resume" in str(error)
     assert pdist.is_collective_failure(RuntimeError("Connection reset by peer"))

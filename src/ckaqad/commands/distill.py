@@ -30,7 +30,7 @@ from ckaqad.models.arch import num_layers
 from ckaqad.models.load import LoadedModel, load_model
 from ckaqad.objectives.compose import Composite, ObjectiveConfig
 from ckaqad.parallel.config import ParallelConfig
-from ckaqad.parallel.dist import World, barrier, init_world, max_reduce_buffers_, peer_failures_as_errors, shutdown
+from ckaqad.parallel.dist import World, barrier, joined_world, max_reduce_buffers_
 from ckaqad.parallel.fsdp import (
     apply_activation_checkpointing,
     choose_teacher_sharding,
@@ -228,12 +228,8 @@ def write_run_files(trainee: Trainee, config: Config, report: dict | None) -> No
 def run(config: Config, teacher_loaded: LoadedModel | None = None) -> dict:
     """Build (or resume) and train; write the final student, plots and summary.json; return the summary.
     Under torchrun every rank runs this; rank 0 alone writes files and prints."""
-    world, created = init_world(config.device, config.parallel.dist_timeout)
-    try:
-        with peer_failures_as_errors(world):
-            return _run(config, teacher_loaded, world)
-    finally:
-        shutdown(created)
+    with joined_world(config.device, config.parallel.dist_timeout) as world:
+        return _run(config, teacher_loaded, world)
 
 
 def _run(config: Config, teacher_loaded: LoadedModel | None, world: World) -> dict:

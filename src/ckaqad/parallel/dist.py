@@ -14,16 +14,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 from transformers.utils import logging as transformers_logging
 
-from ckaqad.errors import ConfigError, TrainingError
+from ckaqad.errors import ConfigError, LostPeerError
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -44,7 +46,7 @@ class World:
     @property
     def distributed(self) -> bool:
         """True under a process group (torchrun), also at world size 1; False for a plain process."""
-        return dist.is_available() and dist.is_initialized()
+        return group_is_joined()
 
     def device(self, requested: str | None) -> str:
         """The device this rank computes on: `cuda:LOCAL_RANK` for CUDA, else the requested one."""
@@ -59,9 +61,14 @@ def launched_by_torchrun(environ: dict[str, str] | None = None) -> bool:
     return all(name in env for name in TORCHRUN_VARIABLES)
 
 
+def group_is_joined() -> bool:
+    """Whether this process is in a process group (torchrun, or a caller's own `init_process_group`)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def current_world() -> World:
     """The world of the process group already joined, or the single process."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not group_is_joined():
         return World()
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
@@ -69,7 +76,7 @@ def current_world() -> World:
 def init_world(device: str | None, timeout_s: float) -> tuple[World, bool]:
     """(world, whether this call created the process group). Joins the torchrun group when the launch set its
     variables and no group exists yet; a plain process gets `World()` and no group."""
-    if dist.is_available() and dist.is_initialized():
+    if group_is_joined():
         return current_world(), False
     if not launched_by_torchrun():
         return World(), False
@@ -101,7 +108,7 @@ def quiet_other_ranks(world: World) -> None:
 
 def shutdown(created: bool) -> None:
     """Leave the process group if this process created it (a caller that made its own keeps it)."""
-    if created and dist.is_available() and dist.is_initialized():
+    if created and group_is_joined():
         dist.destroy_process_group()
 
 
@@ -110,19 +117,19 @@ def shutdown(created: bool) -> None:
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In place, not differentiable: the sum or max of `tensor` over ranks (identity without a group)."""
-    if dist.is_available() and dist.is_initialized():
+    if group_is_joined():
         dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return tensor
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if group_is_joined():
         dist.barrier()
 
 
 def broadcast_text(text: str | None) -> str:
     """Rank 0's string on every rank (a temp directory name that every rank must write into)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not group_is_joined():
         return text or ""
     box = [text]
     dist.broadcast_object_list(box, src=0)
@@ -135,7 +142,7 @@ def max_reduce_buffers_(model: torch.nn.Module, names: tuple[str, ...] = ("input
     each rank's share of the calibration batches become the amax of all of them (max is exact, so this equals
     calibrating every batch in one process). Returns how many buffers were reduced."""
     buffers = [b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in names]
-    if not buffers or not (dist.is_available() and dist.is_initialized()):
+    if not buffers or not group_is_joined():
         return len(buffers)
     flat = torch.stack([b.detach().float().reshape(()) for b in buffers])
     all_reduce_(flat, "max")
@@ -157,18 +164,47 @@ def is_collective_failure(exc: BaseException) -> bool:
                             "Broken pipe", "NCCL communicator was aborted", "ProcessGroupGloo", "gloo"))
 
 
-def lost_peer_error(world: World, exc: BaseException) -> TrainingError:
+def lost_peer_error(world: World, exc: BaseException) -> LostPeerError:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return TrainingError(f"rank {world.rank} of {world.size}: lost contact with the other processes "
+    return LostPeerError(f"rank {world.rank} of {world.size}: lost contact with the other processes "
                          f"({first_line[:160]}); resume from the newest complete checkpoint with --resume")
 
 
 @contextlib.contextmanager
 def peer_failures_as_errors(world: World) -> Iterator[None]:
-    """Inside, a collective that fails on a lost peer raises `TrainingError` (one line, exit 2)."""
+    """Inside, a collective that fails on a lost peer raises `LostPeerError` (one line, exit 2)."""
     try:
         yield
     except Exception as exc:
         if world.distributed and is_collective_failure(exc):
             raise lost_peer_error(world, exc) from exc
         raise
+
+
+@contextlib.contextmanager
+def joined_world(device: str | None, timeout_s: float) -> Iterator[World]:
+    """`init_world` for the duration of a command: a lost peer inside raises `LostPeerError`, and the group
+    this call created is left on the way out, except after a lost peer: `destroy_process_group` would wait on
+    the peer's unfinished collective, so that process ends through `exit_without_teardown` instead."""
+    world, created = init_world(device, timeout_s)
+    try:
+        with peer_failures_as_errors(world):
+            yield world
+    except LostPeerError:
+        raise
+    except BaseException:
+        shutdown(created)
+        raise
+    shutdown(created)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End the process now with `code`, after flushing stdout and stderr, skipping interpreter teardown.
+
+    After a peer stops answering, a gloo (or NCCL) thread of this process can still be blocked on it; a normal
+    exit then destroys that joinable thread and the process dies of SIGABRT ("terminate called without an
+    active exception", exit -6) instead of returning `code`. Files are already closed by then: the error
+    unwound through every `with` block that held one."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
