@@ -43,7 +43,9 @@ from ckaqad.train.trainer import TrainConfig
 
 GOLDEN = Path(__file__).parents[1] / "assets" / "losses" / "tiny_kl_cka.json"
 GOLDEN_STEPS = 5
-GOLDEN_REL = 1e-4
+# The same torch wheel on two x86 CPUs (2026-12-02) logged step 5's loss 1.7e-4 apart: ulp-level differences in the
+# first updates grow over the steps. A deliberate change moves far more: lr 1e-4 -> 1.01e-4 moves step 2 by 1.1e-2.
+GOLDEN_REL = 1e-3
 SEQ_LEN = 32
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -98,7 +98,8 @@ def test_forgetting_raises_general_loss_and_recovery_lowers_it(workdir):
 
 
 def test_removed_block_stays_removed_and_cka_pairs_the_kept_block(workdir):
-    assert main(recover_args(workdir, "d-drop", "r-drop", "--loss", "kl+cka", steps=2)) == 0
+    # batch 3 of 8 held-out blocks: the last evaluation batch is smaller than a training batch
+    assert main(recover_args(workdir, "d-drop", "r-drop", "--loss", "kl+cka", "--batch-size", "3", steps=2)) == 0
     config = yaml.safe_load((workdir / "r-drop" / "config.yaml").read_text())
     assert config["layer_map"] == "0:1"
     student = transformers.AutoModelForCausalLM.from_pretrained(RunDir(workdir / "r-drop").student.root)
@@ -124,8 +125,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(workdir, capsys):
     cases = [(["--student-swap", "other-vocab"], "vocabulary of 300 tokens"),
              (["--keep-mask", "always"], "--keep-mask"),
              (["--student-swap", "d-24", "--narrow-ce-weight", "1"], "needs a narrow corpus"),
-             (["--student-swap", "missing"], "does not exist"),
-             (["--loss", "kl+cka", "--batch-size", "3"], "multiple of --batch-size 3")]
+             (["--student-swap", "missing"], "does not exist")]
     for extra, message in cases:
         student = extra[1] if extra[0] == "--student-swap" else "d-24"
         extra = extra[2:] if extra[0] == "--student-swap" else extra

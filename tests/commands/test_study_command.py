@@ -4,6 +4,7 @@ every finished cell; a cell with other settings, an unknown key and a stopped ru
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -132,3 +133,17 @@ def test_cli_dry_run_lists_the_cells(finished, capsys):
     assert cli.main(["study", config.spec, "--out", config.out, "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 6 and all(line.startswith("done") for line in lines)
+
+
+@pytest.mark.parametrize("spec", sorted((Path(__file__).parents[2] / "docs").glob("study_*.yaml")),
+                         ids=lambda p: p.name)
+def test_the_documented_studies_parse_into_their_grid(spec):
+    """Each docs/study_*.yaml (the results tables' commands) is a valid study: teacher, PTQ, and 3 seeds each of
+    KL-QAD and CKA-QAD, every cell's distill config buildable."""
+    parsed = study.parse_study(spec, out="unused")
+    cells = parsed.cells()
+    assert [c.method for c in cells].count("teacher") == len(parsed.models)
+    assert {c.method for c in cells} == {"teacher", "ptq", "kl", "kl+cka"}
+    assert sorted(c.seed for c in cells if c.method == "kl+cka") == [0, 1, 2]
+    for cell in cells:
+        assert parsed.cell_settings(cell)["cell"]["model"] in parsed.models

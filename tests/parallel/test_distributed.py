@@ -222,6 +222,21 @@ def launch_two_ranks(runs: Path, out: Path, timeout_s: int) -> list[subprocess.P
     return procs
 
 
+def test_accelerate_launch_runs_the_same_job_as_one_process(runs):
+    """`accelerate launch --multi_gpu` (its torch.distributed.run wrapper; on CPU the group is gloo) gives the
+    2-process run: sharded checkpoints, the one-process run's numbers."""
+    launch = subprocess.run([str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", str(free_port()), str(HERE / "accelerate_worker.py"), str(runs)],
+                            env=environment(), capture_output=True, text=True, timeout=300)
+    assert launch.returncode == 0, launch.stderr[-4000:]
+    out = runs / "r-accelerate"
+    checkpoint = ShardedCheckpointDir(out / "checkpoints" / f"step-{STEPS:06d}")
+    assert checkpoint.is_sharded() and len(list(checkpoint.dcp.glob("*.distcp"))) == 2  # one file per rank
+    assert_records_close(train_records(out), train_records(runs / "r1"))
+    assert_weights_close(out, runs / "r1")
+
+
 def test_a_stuck_rank_fails_the_collective_after_the_timeout(tmp_path):
     port = str(free_port())
     procs = []

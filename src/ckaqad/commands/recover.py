@@ -128,17 +128,6 @@ def narrow_blocks(path: str, teacher: LoadedModel, data: DataConfig) -> TokenBlo
     return build_blocks(docs, teacher.tokenizer, data.seq_len, data.heldout_fraction, source=str(path))
 
 
-def check_eval_batches(trainee: trainer.Trainee) -> None:
-    """ConfigError when a held-out batch would be smaller than a training batch under a CKA objective: the
-    trainer's CKA hooks stay on during its evaluation with the last training rows, and index past a
-    smaller batch (reported to the trainer's owner; until fixed, every evaluation batch must be full)."""
-    cfg = trainee.config
-    n_eval = min(cfg.eval_blocks, trainee.blocks.heldout.shape[0])
-    if trainee.objective.needs_states and n_eval % cfg.batch_size:
-        raise ConfigError(f"with a CKA term, --eval-blocks ({n_eval} held-out blocks used) must be a multiple of "
-                          f"--batch-size {cfg.batch_size}")
-
-
 def saved_recover_config(run_root: Path) -> dict:
     path = run_root / "recover_config.json"
     try:
@@ -166,7 +155,6 @@ def run(config: Config, teacher_loaded: LoadedModel | None = None, label: str | 
         raise ConfigError("--narrow-ce-weight needs a narrow corpus: --forget-data, or a forget damage report")
     narrow = narrow_blocks(narrow_path, teacher, config.data) if narrow_path else None
     trainee, quant_report = distill.build_trainee(dcfg, teacher)
-    check_eval_batches(trainee)
     student = trainee.student
     mask = None
     if config.keep_mask == "auto":
