@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (CI included), so a green run here is a green run there;
+# `HYPOTHESIS_PROFILE=explore` draws new ones (what found the float32 CKA edge in tests/objectives).
+settings.register_profile("ckaqad", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ckaqad"))
 
 TINY_SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
 
