@@ -150,3 +150,53 @@ def test_step_quick_table_and_json(tmp_path, capsys, no_cuda):
     assert lines[2].split() == ["model", "batch", "loss", "step", "ms", "tokens/s", "peak", "MB", "MFU", "+time",
                                 "+memory"]
     assert [row.split()[2] for row in lines[3:5]] == ["kl", "kl+cka"]
+
+
+# -------------------------------------------------------------------------------------------- rl_seeds
+
+
+def test_rl_seeds_runs_each_algorithm_and_seed_once_and_summarises_the_final_evaluations(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """The grid calls `ckaqad rl` once per (algorithm, seed), the base evaluation only in the first run, reuses
+    finished runs, and its table is mean / sample std / min / max of each run's final evaluation."""
+    bench = load_script("rl_seeds")
+    calls = []
+
+    def fake_rl(argv):
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        seed, algo = int(argv[argv.index("--seed") + 1]), argv[argv.index("--algo") + 1]
+        out.mkdir(parents=True)
+        accuracy = 0.1 * (seed + 1) + (0.05 if algo == "abc-grpo" else 0.0)
+        records = [{"kind": "eval", "step": 0, "heldout_accuracy": 0.09, "heldout_entropy": 1.1,
+                    "heldout_kl_ref": 0.0, "heldout_length": 30.0}] if "--no-eval-at-start" not in argv else []
+        records += [{"kind": "train", "step": s, "reward_mean": 0.1 * s, "entropy": 1.5, "clipped": 0.2,
+                     "grpo_unbounded": 0.01 * s, "ratio_mean": 1.0, "skipped": 0} for s in (1, 2)]
+        records.append({"kind": "eval", "step": 2, "heldout_accuracy": accuracy, "heldout_entropy": 1.0 + seed,
+                        "heldout_kl_ref": 0.1, "heldout_length": 31.0})
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (out / "summary.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(bench.cli, "main", fake_rl)
+    monkeypatch.setattr(bench, "plot_runs", lambda runs, path, title: path.write_text("png"))
+    monkeypatch.setattr(sys, "argv", ["rl_seeds.py", "--seeds", "0", "1", "2", "--out", str(tmp_path), "--",
+                                      "--steps", "2"])
+    bench.main()
+    assert [(c[c.index("--algo") + 1], c[c.index("--seed") + 1]) for c in calls] == [
+        ("grpo", "0"), ("abc-grpo", "0"), ("grpo", "1"), ("abc-grpo", "1"), ("grpo", "2"), ("abc-grpo", "2")]
+    assert ["--no-eval-at-start" in c for c in calls] == [False] + [True] * 5
+    assert all(c[c.index("--steps") + 1] == "2" and "--lr" not in c for c in calls)  # the flags after `--` only
+    saved = strict_json(tmp_path / "rl_seeds.json")
+    accuracy = saved["summary"]["abc-grpo"]["heldout_accuracy"]
+    assert accuracy["values"] == pytest.approx([0.15, 0.25, 0.35])
+    assert accuracy["mean"] == pytest.approx(0.25) and accuracy["std"] == pytest.approx(0.1)
+    assert (accuracy["min"], accuracy["max"]) == pytest.approx((0.15, 0.35))
+    assert saved["summary"]["grpo"]["mean_grpo_unbounded"]["mean"] == pytest.approx(0.015)
+    assert saved["base"]["heldout_accuracy"] == 0.09
+    out = capsys.readouterr().out
+    assert "| base (step 0) | 0.090 |" in out and "| abc-grpo (n=3) | 0.250 ± 0.100 [0.150, 0.350] |" in out
+
+    calls.clear()
+    bench.main()  # every run finished: nothing is run again
+    assert calls == []

@@ -320,8 +320,9 @@ class RecoveryDir:
 
 @dataclass(frozen=True)
 class StudyDir:
-    """`ckaqad study`: one directory per cell under cells/ (a distill run, plus cell.json once evaluated), and
-    the aggregate study.json / study.md / study.html with its plots."""
+    """`ckaqad study`: one directory per cell under cells/ (a distill run, plus cell.json once evaluated), its
+    export under exports/ when the study scores the served model, and the aggregate study.json / study.md /
+    study.html with its plots."""
 
     root: Path
     JSON = "study.json"
@@ -345,6 +346,11 @@ class StudyDir:
     @property
     def cells(self) -> Path:
         return self.root / "cells"
+
+    @property
+    def exports(self) -> Path:
+        """The compressed-tensors export of each served cell, at the cell's relative path (eval.runtimes)."""
+        return self.root / "exports"
 
     @property
     def layers_plot(self) -> Path:

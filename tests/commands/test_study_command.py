@@ -112,7 +112,53 @@ def test_a_stopped_run_with_a_checkpoint_is_partial(tmp_path, teacher):
     assert study.cell_state(parsed, cell) == "partial"
 
 
+def test_served_runtime_scores_each_students_export_as_transformers_serves_it(tmp_path, teacher):
+    """eval.runtimes [ckaqad, transformers]: each PTQ and trained cell is exported, and that export, loaded by
+    transformers (bf16), gets the same fidelity pass under `served.` metrics, aggregated and paired like the
+    emulated ones. The served numbers are those of the export itself, not of the fake-quant student."""
+    from ckaqad.data.blocks import DataConfig, eval_batches, load_blocks
+    from ckaqad.eval.fidelity import measure_fidelity
+    from ckaqad.export.reader import load_served
+    from ckaqad.models.load import load_model
+
+    evaluation = {"eval_blocks": 4, "seq_len": 16, "batch_size": 2, "bootstrap": 0,
+                  "runtimes": ["ckaqad", "transformers"]}
+    config = study.Config(spec=spec(tmp_path, teacher, seeds=[0, 1], eval=evaluation), out=str(tmp_path / "out"),
+                          device="cpu")
+    result = study.run(config)
+    out = StudyDir(tmp_path / "out")
+    parsed = study.parse_study(config.spec, config.out)
+    records = {c: json.loads((out.cells / c.relative() / StudyDir.CELL).read_text()) for c in parsed.cells()}
+    teacher_cell = next(c for c in records if c.method == "teacher")
+    assert not any(k.startswith("served.") for k in records[teacher_cell]["metrics"])
+    loaded = load_model(teacher, device="cpu")
+    blocks = load_blocks(DataConfig(seq_len=16), loaded.model, loaded.tokenizer).heldout
+    for cell, record in records.items():
+        if cell.method == "teacher":
+            continue
+        export = out.exports / cell.relative()
+        assert record["served_export"] == str(export) and (export / "config.json").is_file()
+        served, _ = load_served(export)
+        direct, _ = measure_fidelity(loaded.model, {"s": served}, eval_batches(blocks, 2, "cpu", limit=4),
+                                     exclude_token_ids=(loaded.tokenizer.bos_token_id,), progress=False)
+        metrics = record["metrics"]
+        for key in ("kl_per_token", "perplexity", "top1_agreement", "mean_cka"):
+            assert metrics[f"served.{key}"] == pytest.approx(getattr(direct["s"], key), rel=1e-6), (cell, key)
+        # bf16 served W4A4 is another computation than the fp32 fake-quant student: a mislabelled model shows.
+        assert metrics["served.kl_per_token"] != metrics["kl_per_token"]
+    saved = result["result"]
+    assert saved["metrics"][:5] == ["mean_cka", "min_cka", "kl_per_token", "perplexity", "top1_agreement"]
+    assert "served.kl_per_token" in saved["metrics"]
+    (paired,) = saved["paired"]
+    assert paired["metrics"]["served.kl_per_token"]["n"] == 2
+    text = out.md.read_text()
+    assert "Served (the student's compressed-tensors export" in text and "| served.kl_per_token |" in text
+
+
 @pytest.mark.parametrize(("overrides", "match"), [
+    ({"eval": {"runtimes": ["transformers"]}}, "eval.runtimes must be"),
+    ({"eval": {"runtimes": ["ckaqad", "vllm"]}}, "eval.runtimes must be"),
+    ({"eval": {"runtimes": ["ckaqad", "transformers"]}, "formats": ["mxfp4"]}, "NVFP4 exports only"),
     ({"colour": 1}, "unknown keys"),
     ({"train": {"steps": 5}}, "the grid sets them"),
     ({"train": {"batch_sise": 5}}, "unknown or grid-set key 'batch_sise'"),

@@ -21,7 +21,13 @@ format, without seed or budget. The YAML (every key but `models` optional):
     data: {seq_len: 128}          # training data (DataConfig)
     quant: {}                     # QuantConfig fields besides format and scheme
     objective: {cka: {}, kl: {}}  # ObjectiveConfig fields besides loss
-    eval: {eval_blocks: 16, seq_len: 256, batch_size: 4, tasks: arc_easy,piqa, limit: 100, bootstrap: 1000}
+    eval: {eval_blocks: 16, seq_len: 256, batch_size: 4, tasks: arc_easy,piqa, limit: 100, bootstrap: 1000,
+           runtimes: [ckaqad, transformers]}   # also score each student's export as transformers serves it
+
+With `eval.runtimes` naming `transformers` (NVFP4 only), every PTQ and trained cell is also exported
+(compressed-tensors, under `OUT/exports/`) and that export, loaded by `AutoModelForCausalLM.from_pretrained`
+in bf16 (`export.reader.load_served`), is scored by the same fidelity pass and tasks: its metrics carry the
+prefix `served.` beside the emulated ones, so every table and paired difference exists for both forms.
 """
 
 from __future__ import annotations
@@ -44,12 +50,14 @@ from ckaqad.data.blocks import DataConfig, eval_batches, load_blocks
 from ckaqad.errors import ConfigError
 from ckaqad.eval.fidelity import measure_fidelity, token_rule
 from ckaqad.eval.tasks import parse_tasks, run_tasks
+from ckaqad.export.reader import load_served
+from ckaqad.export.writer import export_student
 from ckaqad.files import check_writable, write_json
 from ckaqad.models.load import LoadedModel, load_model
 from ckaqad.objectives.compose import ObjectiveConfig
 from ckaqad.paths import RunDir, StudyDir
 from ckaqad.quant.linear import QuantConfig
-from ckaqad.report.study import aggregate, method_label, write_study
+from ckaqad.report.study import SERVED_PREFIX, aggregate, method_label, write_study
 from ckaqad.students.spec import build_ptq_student, load_student
 from ckaqad.train.checkpointer import CheckpointConfig
 from ckaqad.train.trainer import TrainConfig
@@ -60,6 +68,9 @@ SPEC_KEYS = ("name", "out", "models", "formats", "schemes", "methods", "seeds", 
              "data", "quant", "objective", "eval", "checkpoint")
 # TrainConfig fields the grid sets per cell (not in the YAML's `train`).
 GRID_TRAIN_FIELDS = ("steps", "seed")
+# The forms of a student a study can score: ckaqad's fake-quant student (what training optimised) and its
+# compressed-tensors export as transformers serves it (what users run).
+RUNTIMES = ("ckaqad", "transformers")
 
 
 @dataclass
@@ -92,10 +103,18 @@ class EvalSpec:
     """bootstrap resamples of the held-out sequences for each layer's CKA interval (0: none)"""
     group: int = 3
     """students evaluated together in one fidelity pass (the teacher runs once per batch for them)"""
+    runtimes: tuple[str, ...] = ("ckaqad",)
+    """forms of each student scored: `ckaqad` (its fake-quant emulation) and optionally `transformers` (its
+    export as transformers + compressed-tensors serve it; metrics prefixed `served.`)"""
 
     def __post_init__(self) -> None:
         if min(self.eval_blocks, self.batch_size, self.group) < 1 or self.seq_len < 8 or self.n_sink < 0:
             raise ConfigError("eval: eval_blocks, batch_size and group must be >= 1, seq_len >= 8, n_sink >= 0")
+        runtimes = list(self.runtimes) if isinstance(self.runtimes, (list, tuple)) else [self.runtimes]
+        if (not runtimes or runtimes[0] != "ckaqad" or len(set(runtimes)) != len(runtimes)
+                or not set(runtimes) <= set(RUNTIMES)):
+            raise ConfigError(f"eval.runtimes must be [ckaqad] or [ckaqad, transformers], got {self.runtimes!r}")
+        self.runtimes = tuple(runtimes)
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"eval.limit must be at least 1, got {self.limit}")
         if self.bootstrap < 0:
@@ -210,8 +229,10 @@ class Study:
 
     def cell_settings(self, cell: Cell) -> dict:
         """Everything that determines a cell's numbers (what cell.json records; a change makes it stale)."""
-        settings = {"cell": dataclasses.asdict(cell), "eval": {k: v for k, v in dataclasses.asdict(self.eval).items()
-                                                               if k != "group"}}
+        evaluation = {k: v for k, v in dataclasses.asdict(self.eval).items() if k != "group"}
+        if self.eval.runtimes == ("ckaqad",):
+            del evaluation["runtimes"]  # the default: cells of studies from before the option stay valid
+        settings = {"cell": dataclasses.asdict(cell), "eval": evaluation}
         if cell.method != "teacher":
             settings["quant"] = dataclasses.asdict(self.quant_config(cell))
             settings["data"] = dataclasses.asdict(self.data)
@@ -270,6 +291,8 @@ def parse_study(path: str | Path, out: str | None = None) -> Study:
         raise ConfigError(f"study: train must be a mapping without {GRID_TRAIN_FIELDS} (the grid sets them: "
                           f"budgets, seeds), got {raw.get('train')!r}")
     build_dataclass(TrainConfig, {**study.train, "steps": 1}, "train")
+    if "transformers" in study.eval.runtimes and study.formats != ["nvfp4"]:
+        raise ConfigError(f"study: eval.runtimes transformers serves NVFP4 exports only; formats are {study.formats}")
     for a, b in study.pairs:
         for method in (a, b):
             if method not in study.methods:
@@ -342,9 +365,25 @@ def write_cell(study: Study, cell: Cell, metrics: dict, layers: list[dict], extr
                                            "settings": settings, "settings_key": settings_key(settings), **extra})
 
 
+def served_label(cell: Cell) -> str:
+    return f"{cell.label()} (served)"
+
+
+def load_served_cell(study: Study, cell: Cell, student: torch.nn.Module, teacher: LoadedModel,
+                     device: torch.device) -> torch.nn.Module:
+    """Export `student` (compressed-tensors, replacing an earlier export of this cell) and load that export as
+    transformers serves it (bf16, compressed-tensors decompressing the weights and quantizing the inputs)."""
+    directory = StudyDir(study.out).exports / cell.relative()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    export_student(student, teacher.tokenizer, directory, overwrite=True, teacher_dir=teacher.model_dir)
+    return load_served(directory, device)[0]
+
+
 def evaluate_cells(study: Study, cells: list[Cell], teacher: LoadedModel, device: str | None) -> None:
-    """Fidelity (the teacher once per batch for up to eval.group students) and tasks of `cells` of one model."""
+    """Fidelity (the teacher once per batch for up to eval.group students, and their served exports when
+    eval.runtimes names transformers) and tasks of `cells` of one model."""
     ev = study.eval
+    served_too = "transformers" in ev.runtimes
     fid_blocks = load_blocks(DataConfig(seq_len=ev.seq_len), teacher.model, teacher.tokenizer)
     n = min(ev.eval_blocks, fid_blocks.heldout.shape[0])
     torch_device = next(teacher.model.parameters()).device
@@ -353,7 +392,7 @@ def evaluate_cells(study: Study, cells: list[Cell], teacher: LoadedModel, device
     calib_blocks = None
     for start in range(0, len(cells), ev.group):
         group = cells[start:start + ev.group]
-        students = {}
+        students, served = {}, {}
         for cell in group:
             if cell.method == "teacher":
                 continue
@@ -363,9 +402,12 @@ def evaluate_cells(study: Study, cells: list[Cell], teacher: LoadedModel, device
                                                    calib_blocks)[0].requires_grad_(False)
             else:
                 students[cell] = load_student(StudyDir(study.out).cells / cell.relative(), teacher.model).model
+            if served_too:
+                served[cell] = load_served_cell(study, cell, students[cell], teacher, torch_device)
         started = time.perf_counter()
         with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):
             labelled = {cell.label(): model for cell, model in students.items()}
+            labelled.update({served_label(cell): model for cell, model in served.items()})
             results, teacher_stats = measure_fidelity(
                 teacher.model, labelled or {"teacher": teacher.model},
                 eval_batches(fid_blocks.heldout, ev.batch_size, torch_device, limit=n), n_sink=ev.n_sink,
@@ -376,6 +418,7 @@ def evaluate_cells(study: Study, cells: list[Cell], teacher: LoadedModel, device
             model = teacher.model if cell.method == "teacher" else students[cell]
             tasks = run_tasks(model, teacher.tokenizer, ev.task_names, limit=ev.limit,
                               batch_size=ev.batch_size) if ev.task_names else {}
+            extra: dict = {"tasks": tasks}
             if cell.method == "teacher":
                 metrics = {"mean_cka": 1.0, "min_cka": 1.0, "kl_per_token": 0.0,
                            "perplexity": teacher_stats["perplexity"], "top1_agreement": 1.0,
@@ -384,12 +427,20 @@ def evaluate_cells(study: Study, cells: list[Cell], teacher: LoadedModel, device
             else:
                 fid = results[cell.label()]
                 metrics, layers = cell_metrics(fid, tasks), fid.layers
+            if cell in served:
+                served_tasks = run_tasks(served[cell], teacher.tokenizer, ev.task_names, limit=ev.limit,
+                                         batch_size=ev.batch_size) if ev.task_names else {}
+                served_fid = results[served_label(cell)]
+                metrics.update({SERVED_PREFIX + k: v for k, v in cell_metrics(served_fid, served_tasks).items()})
+                extra.update({"served_tasks": served_tasks, "served_layers": served_fid.layers,
+                              "served_export": str(StudyDir(study.out).exports / cell.relative())})
             write_cell(study, cell, metrics, layers,
-                       {"tasks": tasks, "fidelity_data": data_note,
+                       {**extra, "fidelity_data": data_note,
                         "eval_s": fidelity_s + time.perf_counter() - started})
             print(f"  evaluated {cell.label()}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                               if k in ("mean_cka", "kl_per_token")))
-        del students, labelled, results  # free this group's students before the next group loads its own
+                                                               if k.removeprefix(SERVED_PREFIX)
+                                                               in ("mean_cka", "kl_per_token")))
+        del students, served, labelled, results  # free this group's models before the next group loads its own
         gc.collect()
 
 

@@ -18,14 +18,21 @@ from ckaqad.report import html
 from ckaqad.report.statistics import Summary, format_interval, format_summary, paired_difference, summarize
 
 METHOD_LABELS = {"teacher": "teacher", "ptq": "PTQ", "kl": "KL-QAD", "kl+cka": "CKA-QAD"}
-# Metrics where lower is better (every other one: higher is better).
-LOWER_IS_BETTER = ("kl_per_token", "perplexity", "lambada.perplexity")
+# Metrics where lower is better, by their last dotted part (`served.kl_per_token`, `lambada.perplexity`);
+# every other one: higher is better.
+LOWER_IS_BETTER = ("kl_per_token", "perplexity")
 FIDELITY_METRICS = ("mean_cka", "min_cka", "kl_per_token", "perplexity", "top1_agreement")
 GROUP_FIELDS = ("model", "format", "scheme", "method", "steps")
+# Metrics of a student's served export (commands/study.py, eval.runtimes) carry this prefix.
+SERVED_PREFIX = "served."
 
 
 def method_label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.rsplit(".", 1)[-1] in LOWER_IS_BETTER
 
 
 def group_key(cell: dict) -> tuple:
@@ -42,13 +49,16 @@ def group_label(group: dict) -> str:
 
 
 def metric_names(cells: Sequence[dict]) -> list[str]:
-    """Fidelity metrics first, then the rest in first-seen order."""
+    """Fidelity metrics first, then the rest in first-seen order; the served form's metrics after all of the
+    emulated ones, in the same order."""
     seen: list[str] = [m for m in FIDELITY_METRICS if any(m in c["metrics"] for c in cells)]
     for cell in cells:
         for name in cell["metrics"]:
-            if name not in seen:
+            if name not in seen and not name.startswith(SERVED_PREFIX):
                 seen.append(name)
-    return seen
+    present = {name for cell in cells for name in cell["metrics"]}
+    served = [SERVED_PREFIX + name for name in seen if SERVED_PREFIX + name in present]
+    return seen + served + sorted(n for n in present if n.startswith(SERVED_PREFIX) and n not in served)
 
 
 def aggregate(cells: Sequence[dict], pairs: Sequence[tuple[str, str]] = (("kl+cka", "kl"),)) -> dict:
@@ -87,7 +97,7 @@ def aggregate(cells: Sequence[dict], pairs: Sequence[tuple[str, str]] = (("kl+ck
             for name in names:
                 diff = paired_difference({s: by_seed_a[s][name] for s in seeds if name in by_seed_a[s]},
                                          {s: by_seed_b[s][name] for s in seeds if name in by_seed_b[s]})
-                metrics[name] = {**diff.to_dict(), "verdict": diff.verdict(name not in LOWER_IS_BETTER)}
+                metrics[name] = {**diff.to_dict(), "verdict": diff.verdict(not lower_is_better(name))}
             paired.append({**{f: fields[f] for f in GROUP_FIELDS if f != "method"}, "a": a, "b": b,
                            "seeds": seeds, "metrics": metrics})
     return {"metrics": names, "groups": groups, "paired": paired}
@@ -98,7 +108,7 @@ def _summary(d: dict) -> Summary:
 
 
 def _digits(metric: str) -> int:
-    return 3 if metric in ("perplexity", "lambada.perplexity") or metric.endswith("above_chance") else 4
+    return 3 if metric.endswith("perplexity") or metric.endswith("above_chance") else 4
 
 
 def study_lines(result: dict, meta: dict) -> list[str]:
@@ -111,18 +121,28 @@ def study_lines(result: dict, meta: dict) -> list[str]:
              "mean (n = 1: the one value). Fidelity on "
              f"{meta.get('fidelity_data', '?')}; tasks 0-shot, scored by lm-eval ({meta.get('tasks_note', '')}).",
              ""]
+    emulated = [n for n in names if not n.startswith(SERVED_PREFIX)]
+    served = [n for n in names if n.startswith(SERVED_PREFIX)]
+    sections = [("", emulated)]
+    if served:
+        sections = [("Emulated (ckaqad's fake-quant student, what training optimised):", emulated),
+                    ("Served (the student's compressed-tensors export loaded by transformers in bf16, what users "
+                     "run; KL, CKA and agreement against the same fp32 teacher):", served)]
     for model in dict.fromkeys(g["model"] for g in result["groups"]):
         groups = [g for g in result["groups"] if g["model"] == model]
-        lines += [f"## {model}", "", "| model | seeds | " + " | ".join(names) + " |",
-                  "|---|---|" + "---|" * len(names)]
-        for g in groups:
-            cells = [format_summary(_summary(g["metrics"][n]), _digits(n)) for n in names]
-            lines.append(f"| {group_label(g)} | {len(g['seeds'])} | " + " | ".join(cells) + " |")
-        lines += ["", "95% intervals of the mean:", "", "| model | " + " | ".join(names) + " |",
-                  "|---|" + "---|" * len(names)]
-        for g in groups:
-            cells = [format_interval(_summary(g["metrics"][n]), _digits(n)).replace("+", "") for n in names]
-            lines.append(f"| {group_label(g)} | " + " | ".join(cells) + " |")
+        lines += [f"## {model}", ""]
+        for title, section in sections:
+            lines += [title, ""] if title else []
+            lines += ["| model | seeds | " + " | ".join(section) + " |", "|---|---|" + "---|" * len(section)]
+            for g in groups:
+                cells = [format_summary(_summary(g["metrics"][n]), _digits(n)) for n in section]
+                lines.append(f"| {group_label(g)} | {len(g['seeds'])} | " + " | ".join(cells) + " |")
+            lines += ["", "95% intervals of the mean:", "", "| model | " + " | ".join(section) + " |",
+                      "|---|" + "---|" * len(section)]
+            for g in groups:
+                cells = [format_interval(_summary(g["metrics"][n]), _digits(n)).replace("+", "") for n in section]
+                lines.append(f"| {group_label(g)} | " + " | ".join(cells) + " |")
+            lines.append("")
         for p in (p for p in result["paired"] if p["model"] == model):
             lines += ["", f"Paired per-seed difference {method_label(p['a'])} − {method_label(p['b'])} "
                       f"({p['format']} {p['scheme']}, {p['steps']} steps, seeds {p['seeds']}): "
