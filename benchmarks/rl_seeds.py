@@ -2,8 +2,9 @@
 held-out accuracy, entropy and KL curves with their spread, and what the clip bounds did.
 
 Each run is an ordinary `ckaqad rl` run directory under OUT/<algo>-s<seed>; a run whose summary.json exists
-is reused (an interrupted measurement resumes). The base model's step-0 evaluation is made once (the first
-run; the others pass --no-eval-at-start: they start from the same model and evaluate the same problems).
+is reused (an interrupted measurement resumes). The base model's step-0 evaluation is made once per algorithm
+(its first seed, so each curve starts at the base; the other seeds pass --no-eval-at-start: they start from
+the same model and evaluate the same problems greedily, and that evaluation draws no random numbers).
 Prints a table (mean ± sample std, [min, max] over seeds) and writes OUT/rl_seeds.json and the curves
 OUT/rl_seeds_curves.png (mean line, min..max band).
 
@@ -62,13 +63,12 @@ def main() -> None:
     flags = DEFAULT_FLAGS if extra is None else extra
     runs: dict[str, list[Path]] = {algo: [] for algo in args.algos}
     seconds = {}
-    first = True
     for seed in args.seeds:
         for algo in args.algos:
             run = args.out / f"{algo}-s{seed}"
+            first = not runs[algo]
             runs[algo].append(run)
             if RLRunDir(run).summary.is_file():
-                first = False
                 continue
             start = time.perf_counter()
             code = cli.main(["rl", "--algo", algo, "--seed", str(seed), "--out", str(run), *flags,
@@ -76,7 +76,6 @@ def main() -> None:
             if code != 0:
                 raise SystemExit(code)
             seconds[run.name] = round(time.perf_counter() - start, 1)
-            first = False
     rows = {algo: {run.name: run_summary(run) for run in algo_runs} for algo, algo_runs in runs.items()}
     table = {algo: {key: spread([r[key] for r in by_run.values()]) for key in next(iter(by_run.values()))}
              for algo, by_run in rows.items()}

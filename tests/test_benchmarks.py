@@ -157,7 +157,7 @@ def test_step_quick_table_and_json(tmp_path, capsys, no_cuda):
 
 def test_rl_seeds_runs_each_algorithm_and_seed_once_and_summarises_the_final_evaluations(tmp_path, monkeypatch,
                                                                                          capsys):
-    """The grid calls `ckaqad rl` once per (algorithm, seed), the base evaluation only in the first run, reuses
+    """The grid calls `ckaqad rl` once per (algorithm, seed), the base evaluation in each algorithm's first run, reuses
     finished runs, and its table is mean / sample std / min / max of each run's final evaluation."""
     bench = load_script("rl_seeds")
     calls = []
@@ -185,7 +185,7 @@ def test_rl_seeds_runs_each_algorithm_and_seed_once_and_summarises_the_final_eva
     bench.main()
     assert [(c[c.index("--algo") + 1], c[c.index("--seed") + 1]) for c in calls] == [
         ("grpo", "0"), ("abc-grpo", "0"), ("grpo", "1"), ("abc-grpo", "1"), ("grpo", "2"), ("abc-grpo", "2")]
-    assert ["--no-eval-at-start" in c for c in calls] == [False] + [True] * 5
+    assert ["--no-eval-at-start" in c for c in calls] == [False, False, True, True, True, True]
     assert all(c[c.index("--steps") + 1] == "2" and "--lr" not in c for c in calls)  # the flags after `--` only
     saved = strict_json(tmp_path / "rl_seeds.json")
     accuracy = saved["summary"]["abc-grpo"]["heldout_accuracy"]
