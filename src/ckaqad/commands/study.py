@@ -370,13 +370,14 @@ def served_label(cell: Cell) -> str:
 
 
 def load_served_cell(study: Study, cell: Cell, student: torch.nn.Module, teacher: LoadedModel,
-                     device: torch.device) -> torch.nn.Module:
+                     device: torch.device) -> tuple[torch.nn.Module, Path]:
     """Export `student` (compressed-tensors, replacing an earlier export of this cell) and load that export as
-    transformers serves it (bf16, compressed-tensors decompressing the weights and quantizing the inputs)."""
+    transformers serves it (bf16, compressed-tensors decompressing the weights and quantizing the inputs).
+    Returns the served model and the export directory."""
     directory = StudyDir(study.out).exports / cell.relative()
     directory.parent.mkdir(parents=True, exist_ok=True)
     export_student(student, teacher.tokenizer, directory, overwrite=True, teacher_dir=teacher.model_dir)
-    return load_served(directory, device)[0]
+    return load_served(directory, device)[0], directory
 
 
 def evaluate_cells(study: Study, cells: list[Cell], teacher: LoadedModel, device: str | None) -> None:
@@ -392,7 +393,7 @@ def evaluate_cells(study: Study, cells: list[Cell], teacher: LoadedModel, device
     calib_blocks = None
     for start in range(0, len(cells), ev.group):
         group = cells[start:start + ev.group]
-        students, served = {}, {}
+        students, served, exports = {}, {}, {}
         for cell in group:
             if cell.method == "teacher":
                 continue
@@ -403,7 +404,7 @@ def evaluate_cells(study: Study, cells: list[Cell], teacher: LoadedModel, device
             else:
                 students[cell] = load_student(StudyDir(study.out).cells / cell.relative(), teacher.model).model
             if served_too:
-                served[cell] = load_served_cell(study, cell, students[cell], teacher, torch_device)
+                served[cell], exports[cell] = load_served_cell(study, cell, students[cell], teacher, torch_device)
         started = time.perf_counter()
         with torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=torch_device.type == "cuda"):
             labelled = {cell.label(): model for cell, model in students.items()}
@@ -433,7 +434,7 @@ def evaluate_cells(study: Study, cells: list[Cell], teacher: LoadedModel, device
                 served_fid = results[served_label(cell)]
                 metrics.update({SERVED_PREFIX + k: v for k, v in cell_metrics(served_fid, served_tasks).items()})
                 extra.update({"served_tasks": served_tasks, "served_layers": served_fid.layers,
-                              "served_export": str(StudyDir(study.out).exports / cell.relative())})
+                              "served_export": str(exports[cell])})
             write_cell(study, cell, metrics, layers,
                        {**extra, "fidelity_data": data_note,
                         "eval_s": fidelity_s + time.perf_counter() - started})
