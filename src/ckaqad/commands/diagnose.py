@@ -53,6 +53,10 @@ class PTQOptions:
     """NVFP4 global scales: exact (amax/2688) or pow2 (amax rounded up to 2688*2^-k: exact in bf16 in any runtime)"""
     high_precision: str = QuantConfig.high_precision
     """norms, embeddings and unquantized layers: frozen (rounded to bf16 as the export stores them) or train (fp32)"""
+    recipe: str = QuantConfig.recipe
+    """named choice of what stays in high precision on top of --exclude: none or nemotron-nano-nvfp4"""
+    allow_unquantized: bool = QuantConfig.allow_unquantized
+    """warn (listing them) instead of failing when a block weight would stay in high precision with no rule"""
 
     def __post_init__(self) -> None:
         self.exclude = tuple(self.exclude)
