@@ -209,7 +209,7 @@ def classify_coverage(model: nn.Module, report: QuantReport, config: QuantConfig
                 continue
             excluded = report.excluded.get(module_name)
             rule = high_precision_rule(module, param_name, tensor)
-            if excluded is not None and excluded.startswith(("excluded by pattern", "recipe ")):
+            if excluded is not None and excluded.startswith(("excluded by pattern", "recipe ", "not quantized in")):
                 report.coverage[name] = excluded
                 report.declared_params += tensor.numel()
             elif rule is not None:
@@ -227,6 +227,31 @@ def classify_coverage(model: nn.Module, report: QuantReport, config: QuantConfig
         if not config.allow_unquantized:
             raise ConfigError(message + " (quantize them, --exclude them, or pass --allow-unquantized)")
         warnings.warn(message, stacklevel=2)
+
+
+def coverage_of(model: nn.Module) -> QuantReport:
+    """The coverage of an already-quantized model (a loaded student): its quantized modules as they are, every
+    other Linear layer or experts module kept as the saved student chose."""
+    config = quant_config_of(model) or QuantConfig()
+    report = QuantReport(format=config.format, scheme=config.scheme)
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLinear, QuantExperts)):
+            report.quantized.append(name)
+            report.quantized_params += sum(p.numel() for p in _quantized_of(module))
+            if isinstance(module, QuantExperts):
+                report.quantized_experts.append(name)
+        elif isinstance(module, nn.Linear) or experts_layout(module) is not None:
+            report.excluded[name] = "not quantized in the saved student"
+    report.total_linear_params = report.quantized_params + sum(
+        p.numel() for n in report.excluded for p in model.get_submodule(n).parameters(recurse=False))
+    classify_coverage(model, report, config)
+    return report
+
+
+def _quantized_of(module: QuantLinear | QuantExperts) -> list[nn.Parameter]:
+    if isinstance(module, QuantLinear):
+        return [module.weight]
+    return [module.master(p) for p in module.layout.fused]
 
 
 def block_kind_params(model: nn.Module, report: QuantReport) -> dict[str, dict[str, int]]:
