@@ -20,8 +20,8 @@ from ckaqad.formats import nvfp4
 from ckaqad.formats.nvfp4_runtime import pow2_global_amax
 from ckaqad.models.arch import checkpoint_expert_names, expert_modules, experts_layout
 from ckaqad.quant.apply import (
-    calibrate,
     cached_quantized_weights,
+    calibrate,
     quant_experts,
     quantize_model_,
 )
@@ -234,7 +234,7 @@ def test_fake_quantize_expert_weights_gradient_is_straight_through():
     assert torch.equal(w.grad, grad)
 
 
-# ------------------------------------------------------------------------------------------------ W4A4 vs compressed-tensors
+# ----------------------------------------------------------------------------- W4A4 vs compressed-tensors
 
 
 def test_per_expert_w4a4_runtime_fake_quant_is_compressed_tensors_bit_for_bit():
