@@ -318,3 +318,25 @@ def test_report_json_lists_calibration_tokens(students, tmp_path):
     report.save(tmp_path / "q.json")
     assert json.loads((tmp_path / "q.json").read_text())["calibration_tokens"] == report.calibration_tokens
     assert "calibration tokens per expert" in report.summary()
+
+
+def test_mamba_mixers_of_a_quantized_student_never_take_the_fused_kernel_that_reads_out_proj_weight(monkeypatch):
+    from transformers.models.nemotron_h import modeling_nemotron_h
+
+    calls = []
+
+    def fused(*args, **kwargs):  # stands in for mamba-ssm's kernel on GPU: it would read outproj_weight itself
+        calls.append(kwargs["outproj_weight"])
+        return None
+
+    monkeypatch.setattr(modeling_nemotron_h, "mamba2_split_conv1d_scan_combined", fused)
+    model = make_tiny_moe("nemotron_h").train()
+    model(input_ids=ids(11), use_cache=False)
+    assert len(calls) == 1  # the unquantized model in training mode takes the fused path
+    quantize_model_(model, QuantConfig(scheme="w4a16"))
+    mixer = model.model.layers[0].mixer
+    seen = []
+    mixer.out_proj.register_forward_hook(lambda m, a, o: seen.append(o))
+    model(input_ids=ids(11), use_cache=False)
+    assert len(calls) == 1 and len(seen) == 1  # the quantized out_proj ran as a module
+    assert model.training and mixer.training  # the mixer is back in training mode afterwards

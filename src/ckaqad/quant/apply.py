@@ -25,7 +25,13 @@ import torch
 from torch import nn
 
 from ckaqad.errors import ConfigError
-from ckaqad.models.arch import block_kind, decoder_layers, experts_layout, high_precision_rule
+from ckaqad.models.arch import (
+    block_kind,
+    decoder_layers,
+    experts_layout,
+    fused_kernel_mixers,
+    high_precision_rule,
+)
 from ckaqad.quant.experts import QuantExperts, expert_input_dims, global_amax, quantize_experts_
 from ckaqad.quant.linear import FUSED_SIBLINGS, RECIPES, QuantConfig, QuantLinear, SiblingGroup
 
@@ -169,8 +175,27 @@ def quantize_model_(model: nn.Module, config: QuantConfig, only: Iterable[str] |
             if all(n in swapped for n in names):
                 SiblingGroup([swapped[n] for n in names])
                 report.groups.append(names)
+    for mixer in fused_kernel_mixers(model):
+        if isinstance(mixer.out_proj, QuantLinear) and not getattr(mixer, "_ckaqad_module_path", False):
+            force_module_path_(mixer)
     classify_coverage(model, report, config)
     return report
+
+
+def force_module_path_(mixer: nn.Module) -> None:
+    """Run a Mamba mixer's forward through its modules (the path that calls the fake-quantized `out_proj`),
+    never the fused kernel that reads `out_proj.weight` directly: the mixer runs its forward in eval mode
+    (`models/arch.fused_kernel_mixers` says why that is the only effect), the rest of the model as it is."""
+    def before(module, args, kwargs):
+        module._ckaqad_was_training = module.training
+        module.training = False
+
+    def after(module, args, kwargs, output):
+        module.training = module._ckaqad_was_training
+
+    mixer.register_forward_pre_hook(before, with_kwargs=True)
+    mixer.register_forward_hook(after, with_kwargs=True, always_call=True)
+    mixer._ckaqad_module_path = True
 
 
 def classify_coverage(model: nn.Module, report: QuantReport, config: QuantConfig) -> None:
