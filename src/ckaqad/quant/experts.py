@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ckaqad.formats import CALIBRATED_FORMATS, get_format
+from ckaqad.formats import CALIBRATED_FORMATS, backends, get_format
 from ckaqad.formats.nvfp4_runtime import pow2_global_amax
 from ckaqad.formats.ste import straight_through
 from ckaqad.models.arch import ExpertsLayout, experts_layout
@@ -57,8 +57,11 @@ def fake_quantize_expert_weights(weight: torch.Tensor, amax: torch.Tensor | None
     global amax `amax[e]` ([E] float32, or None for formats without global scales); same shape and dtype,
     straight-through gradient to `weight`.
 
-    Each expert goes through the format's (or the served arithmetic's) own 2-D entry point, the one QuantLinear
-    calls, so fast backends and the reference apply unchanged (a fast path takes one scalar global amax).
+    Dispatch (docs/method.md#fused-experts, measured by benchmarks/bench_moe_quant.py): where a fast backend
+    serves the tensor (`formats/backends.py`: it takes one scalar global amax) or a served arithmetic is asked
+    for, each expert goes through the same 2-D entry point QuantLinear calls; otherwise the format's fp32
+    reference runs once on the 3-D tensor with the amax broadcast per expert ([E, 1, 1]), which is the same
+    arithmetic element for element without E small calls.
     """
     if config.arithmetic in SERVED_FUNCTIONS:
         served = SERVED_FUNCTIONS[config.arithmetic][1]
@@ -67,6 +70,8 @@ def fake_quantize_expert_weights(weight: torch.Tensor, amax: torch.Tensor | None
     fmt = get_format(config.format)
     if amax is None:  # no per-tensor state: the blocks of all experts at once
         return fmt.fake_quantize(weight, None, config.clip_gradient)
+    if backends.fast_path(config.format, weight) is None:
+        return straight_through(fmt.fake_quantize_reference, weight, amax.view(-1, 1, 1), config.clip_gradient)
     return torch.stack([fmt.fake_quantize(weight[e], amax[e], config.clip_gradient) for e in range(weight.shape[0])])
 
 
