@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
 from ckaqad.formats import CALIBRATED_FORMATS, backends, get_format
@@ -142,6 +143,15 @@ class QuantExperts(nn.Module):
         if self._held is not None:
             return self._held[param]
         return self._fake_quantized(param, self.master(param))
+
+    def _read_projection(self, param: str) -> torch.Tensor:
+        """`self.<param>`: the fake-quantized weight; but a sharded DTensor parameter is FSDP2 reading back what
+        it registered (`reset_sharded_param`), and gets the parameter itself. In a forward FSDP2 has put the
+        unsharded (plain) parameter in place, so the experts implementations always see the quantized one."""
+        stored = self._parameters[param]
+        if isinstance(stored, DTensor):
+            return stored
+        return self.quantized_weight(param)
 
     @torch.no_grad()
     def hold_quantized_weight(self) -> None:
@@ -287,7 +297,7 @@ def _quant_class(cls: type, layout: ExpertsLayout) -> type:
     """`QuantExperts` + `cls`, with each fused parameter a property giving its fake-quantized value."""
     key = (cls, tuple(layout.fused))
     if key not in _QUANT_CLASSES:
-        namespace: dict = {p: property(lambda self, p=p: self.quantized_weight(p)) for p in layout.fused}
+        namespace: dict = {p: property(lambda self, p=p: self._read_projection(p)) for p in layout.fused}
         if "gate_proj" not in layout.projections:
             # Non-gated experts (nemotron_h's relu²) call `self.act_fn` between the GEMMs: down's input.
             namespace["act_fn"] = property(lambda self: self._activate_non_gated)
