@@ -534,3 +534,10 @@ def test_hidden_state_baselines_train_and_log_their_terms(workdir, loaded, tmp_p
         assert r[term] > 0 and r[weight] == pytest.approx(r["kl"] / r[term], rel=1e-5)
         assert r["loss"] == pytest.approx(2 * r["kl"], rel=1e-5)
         assert r["cka_term"] is None and r["cka_weight"] == 0.0 and r["cka_layers"] == {}
+
+
+def test_step_records_log_the_same_keys_as_before_the_term_mapping(straight):
+    """kl+cka runs log exactly the keys they logged before LossParts became a mapping (no new or renamed key)."""
+    keys = {"kind", "step", "loss", "kl", "cka_term", "cka_weight", "lr", "grad_norm", "cka_layers", "ce",
+            "step_time_s", "tokens_per_s", "peak_memory_mb", "skipped"}
+    assert all(set(r) == keys for r in metrics(straight) if r["kind"] == "train")
