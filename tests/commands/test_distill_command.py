@@ -518,3 +518,26 @@ def test_distill_a_student_that_is_not_a_copy_of_the_teacher(workdir, loaded, tm
     saved = json.loads((out / "student" / "config.json").read_text())
     assert meta["quant"] is None and saved["num_hidden_layers"] == 1
     assert not (out / "quantization.json").exists()
+
+
+@pytest.mark.parametrize(("loss", "term", "weight"), [("kl+hidden-cosine", "cosine_term", "cosine_weight"),
+                                                      ("kl+hidden-mse", "mse_term", "mse_weight")])
+def test_hidden_state_baselines_train_and_log_their_terms(workdir, loaded, tmp_path, loss, term, weight):
+    """The loop is objective-agnostic: a baseline's term and its auto weight are logged under their own names,
+    the loss is KL + λ·term = 2·KL at α = 1, and the CKA keys keep their meaning (no CKA term, weight 0)."""
+    config = base_config(workdir, tmp_path / "run", loss=loss, save_every=100, steps=2, eval_every=0)
+    run, _ = distill.build_trainee(config, teacher_loaded=loaded)
+    trainer.train(run)
+    rows = [r for r in metrics(run.run.root) if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r[term] > 0 and r[weight] == pytest.approx(r["kl"] / r[term], rel=1e-5)
+        assert r["loss"] == pytest.approx(2 * r["kl"], rel=1e-5)
+        assert r["cka_term"] is None and r["cka_weight"] == 0.0 and r["cka_layers"] == {}
+
+
+def test_step_records_log_the_same_keys_as_before_the_term_mapping(straight):
+    """kl+cka runs log exactly the keys they logged before LossParts became a mapping (no new or renamed key)."""
+    keys = {"kind", "step", "loss", "kl", "cka_term", "cka_weight", "lr", "grad_norm", "cka_layers", "ce",
+            "step_time_s", "tokens_per_s", "peak_memory_mb", "skipped"}
+    assert all(set(r) == keys for r in metrics(straight) if r["kind"] == "train")

@@ -17,7 +17,8 @@ from ckaqad.paths import StudyDir
 from ckaqad.report import html
 from ckaqad.report.statistics import Summary, format_interval, format_summary, paired_difference, summarize
 
-METHOD_LABELS = {"teacher": "teacher", "ptq": "PTQ", "kl": "KL-QAD", "kl+cka": "CKA-QAD"}
+METHOD_LABELS = {"teacher": "teacher", "ptq": "PTQ", "kl": "KL-QAD", "kl+cka": "CKA-QAD",
+                 "kl+hidden-cosine": "KL+cosine", "kl+hidden-mse": "KL+MSE"}
 # Metrics where lower is better, by their last dotted part (`served.kl_per_token`, `lambada.perplexity`);
 # every other one: higher is better.
 LOWER_IS_BETTER = ("kl_per_token", "perplexity")

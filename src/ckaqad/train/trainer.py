@@ -105,7 +105,8 @@ class StepRecord:
     def as_log(self) -> dict:
         """The metrics.jsonl record: the fields, with `other_terms` flattened into top-level keys."""
         record = asdict(self)
-        return {**record, **record.pop("other_terms")}
+        others = record.pop("other_terms")
+        return {**record, **others}
 
 
 @dataclass
