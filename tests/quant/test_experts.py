@@ -340,3 +340,20 @@ def test_mamba_mixers_of_a_quantized_student_never_take_the_fused_kernel_that_re
     model(input_ids=ids(11), use_cache=False)
     assert len(calls) == 1 and len(seen) == 1  # the quantized out_proj ran as a module
     assert model.training and mixer.training  # the mixer is back in training mode afterwards
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "nemotron_h"])
+def test_a_saved_moe_student_reloads_with_its_quantized_experts_and_scales(family, tmp_path):
+    from ckaqad.students.store import load_student_dir, save_student_dir
+
+    model, report = quantized(family, weight_global="frozen")
+    save_student_dir(model, tmp_path / "student")
+    loaded, meta = load_student_dir(tmp_path / "student")
+    assert set(report.quantized_experts) <= set(meta["quantized"])
+    assert sorted(quant_experts(loaded)) == sorted(quant_experts(model))
+    for name, module in quant_experts(loaded).items():
+        buffers = ["calib_tokens", *(f"{p}_{kind}_amax" for p in module.layout.fused for kind in ("weight", "input"))]
+        for buffer in buffers:
+            assert torch.equal(module._buffers[buffer], quant_experts(model)[name]._buffers[buffer])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=ids(12)).logits, model(input_ids=ids(12)).logits)
