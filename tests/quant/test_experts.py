@@ -357,3 +357,15 @@ def test_a_saved_moe_student_reloads_with_its_quantized_experts_and_scales(famil
             assert torch.equal(module._buffers[buffer], quant_experts(model)[name]._buffers[buffer])
     with torch.no_grad():
         assert torch.equal(loaded.eval()(input_ids=ids(12)).logits, model(input_ids=ids(12)).logits)
+
+
+def test_granitemoehybrid_experts_and_mamba_are_covered_too():
+    model, report = quantized("granitemoehybrid")
+    assert report.share_outside_declared >= 0.99 and len(report.quantized_experts) == 2
+    assert model.model.layers[0].mamba._ckaqad_module_path  # its Mamba layer runs the module path
+    outputs = {}
+    with torch.no_grad():
+        for implementation in ("grouped_mm", "eager"):
+            model.config._experts_implementation = implementation
+            outputs[implementation] = model(input_ids=ids(13)).logits
+    assert torch.equal(outputs["grouped_mm"], outputs["eager"])
