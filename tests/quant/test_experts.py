@@ -369,3 +369,12 @@ def test_granitemoehybrid_experts_and_mamba_are_covered_too():
             model.config._experts_implementation = implementation
             outputs[implementation] = model(input_ids=ids(13)).logits
     assert torch.equal(outputs["grouped_mm"], outputs["eager"])
+
+
+def test_under_autocast_the_experts_run_in_the_autocast_dtype(students):
+    model, _ = students["qwen3_moe"]
+    module = model.model.layers[0].mlp.experts
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert module.gate_up_proj.dtype == torch.bfloat16
+        out = model(input_ids=ids(14)).logits
+    assert torch.isfinite(out).all() and module.gate_up_proj.dtype == torch.float32

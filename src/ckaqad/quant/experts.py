@@ -158,7 +158,13 @@ class QuantExperts(nn.Module):
         stored = self._parameters[param]
         if isinstance(stored, DTensor):
             return stored
-        return self.quantized_weight(param)
+        weight = self.quantized_weight(param)
+        device = weight.device.type
+        if torch.is_autocast_enabled(device):
+            # grouped_mm is not autocast-enabled and casts its input to the weight's dtype: hand it the autocast
+            # dtype, as QuantLinear casts its quantized weight to the input's dtype.
+            weight = weight.to(torch.get_autocast_dtype(device))
+        return weight
 
     @torch.no_grad()
     def hold_quantized_weight(self) -> None:
