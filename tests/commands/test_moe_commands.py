@@ -60,3 +60,9 @@ def test_diagnose_then_distill_kl_cka(family, data_file, tmp_path, capsys):
     assert (family == "qwen3") == (not experts)
     for key in experts:
         assert not torch.equal(trained[key], original[key]), key  # the experts trained
+    if family == "nemotron_h":  # export prints the coverage of the student it writes (its experts: issue 19 export)
+        code = main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "export"), "--no-verify",
+                     "--device", "cpu"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "coverage: " in out and "outside declared exclusions" in out

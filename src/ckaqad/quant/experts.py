@@ -52,6 +52,13 @@ def fake_quantize_activation(x: torch.Tensor, amax: torch.Tensor | None, config:
     return get_format(config.format).fake_quantize(x, amax, config.clip_gradient)
 
 
+# Experts of at least this many weights each are fake-quantized one call per expert even on the reference path:
+# measured on CPU (benchmarks/bench_moe_quant.py, docs/method.md#fused-experts) one 3-D call is 3-4x faster for
+# many small experts (128 x 96x256, 32 x 256x256) and 1.8x slower for 8 experts of 3584x512, whose per-call
+# intermediates no longer fit in cache.
+ONE_CALL_PER_EXPERT_FROM = 1 << 20
+
+
 def fake_quantize_expert_weights(weight: torch.Tensor, amax: torch.Tensor | None,
                                  config: QuantConfig) -> torch.Tensor:
     """Per-expert fake quant of canonical expert weights `[E, out, in]` (blocks along `in`), expert `e` with
@@ -71,7 +78,7 @@ def fake_quantize_expert_weights(weight: torch.Tensor, amax: torch.Tensor | None
     fmt = get_format(config.format)
     if amax is None:  # no per-tensor state: the blocks of all experts at once
         return fmt.fake_quantize(weight, None, config.clip_gradient)
-    if backends.fast_path(config.format, weight) is None:
+    if backends.fast_path(config.format, weight) is None and weight[0].numel() < ONE_CALL_PER_EXPERT_FROM:
         return straight_through(fmt.fake_quantize_reference, weight, amax.view(-1, 1, 1), config.clip_gradient)
     return torch.stack([fmt.fake_quantize(weight[e], amax[e], config.clip_gradient) for e in range(weight.shape[0])])
 
@@ -151,7 +158,13 @@ class QuantExperts(nn.Module):
         stored = self._parameters[param]
         if isinstance(stored, DTensor):
             return stored
-        return self.quantized_weight(param)
+        weight = self.quantized_weight(param)
+        device = weight.device.type
+        if torch.is_autocast_enabled(device):
+            # grouped_mm is not autocast-enabled and casts its input to the weight's dtype: hand it the autocast
+            # dtype, as QuantLinear casts its quantized weight to the input's dtype.
+            weight = weight.to(torch.get_autocast_dtype(device))
+        return weight
 
     @torch.no_grad()
     def hold_quantized_weight(self) -> None:
