@@ -12,18 +12,20 @@ from ckaqad.objectives.base import OBJECTIVES, ForwardOutputs, LossParts
 from ckaqad.objectives.ce import CEConfig
 from ckaqad.objectives.cka import CKAConfig
 from ckaqad.objectives.kl import KLConfig
+from ckaqad.objectives.router_kl import RouterKLConfig
 
 # LossParts field of each term (metrics.jsonl keys).
-TERM_FIELDS = {"kl": "kl", "cka": "cka_term", "ce": "ce"}
+TERM_FIELDS = {"kl": "kl", "cka": "cka_term", "ce": "ce", "router-kl": "router_kl"}
 
 
 @dataclass
 class ObjectiveConfig:
     loss: str = "kl+cka"
-    """objective: terms joined by + from kl, cka, ce (kl: KL-only QAD; kl+cka: CKA-QAD; cka: the CKA term alone)"""
+    """objective: terms joined by + from kl, cka, ce, router-kl (kl: KL-only QAD; kl+cka: CKA-QAD)"""
     kl: KLConfig = field(default_factory=KLConfig)
     cka: CKAConfig = field(default_factory=CKAConfig)
     ce: CEConfig = field(default_factory=CEConfig)
+    router_kl: RouterKLConfig = field(default_factory=RouterKLConfig)
 
     def __post_init__(self) -> None:
         names = self.terms
@@ -51,11 +53,12 @@ class ObjectiveConfig:
         return "kl" in self.terms
 
     def term_config(self, name: str):
-        return {"kl": self.kl, "cka": self.cka, "ce": self.ce}[name]
+        return {"kl": self.kl, "cka": self.cka, "ce": self.ce, "router-kl": self.router_kl}[name]
 
 
 class Composite:
-    """Σ wᵢ·termᵢ: the first term with weight 1, CKA with λ, CE with `--ce-weight` (module docstring)."""
+    """Σ wᵢ·termᵢ: the first term with weight 1, CKA with λ, CE with `--ce-weight`, router-kl with
+    `--router-kl-weight` (module docstring)."""
 
     def __init__(self, config: ObjectiveConfig) -> None:
         self.config = config
@@ -65,6 +68,11 @@ class Composite:
     def needs_states(self) -> bool:
         return any(term.needs_states for _, term in self.terms)
 
+    @property
+    def needs_routers(self) -> bool:
+        """Whether a term reads the routers' logits (`ForwardOutputs.student_routers`)."""
+        return any(getattr(term, "needs_routers", False) for _, term in self.terms)
+
     def _weight(self, name: str, value: torch.Tensor, first: torch.Tensor) -> torch.Tensor | float:
         if name == "cka":
             cka = self.config.cka
@@ -73,6 +81,8 @@ class Composite:
             return float(cka.cka_weight)
         if name == "ce":
             return self.config.ce.ce_weight
+        if name == "router-kl":
+            return self.config.router_kl.router_kl_weight
         return 1.0
 
     def __call__(self, out: ForwardOutputs) -> LossParts:
