@@ -162,7 +162,8 @@ class Results:
 
 def flat_metrics(payload: dict) -> dict[str, float]:
     """Headline numbers of an eval.json payload or a results.json model entry, flattened for tables:
-    `fidelity.<COMPARED>` (and the routing drift of MoE models), `humaneval.{nll_token_mean, pass@1, pass@10}`, `lm-eval.<task>.<metric>` (no
+    `fidelity.<COMPARED>` (and the routing drift of MoE models), `humaneval.{nll_token_mean, pass@1, pass@10}`,
+    `lm-eval.<task>.<metric>` (no
     standard errors, no sample counts)."""
     out: dict[str, float] = {}
     fid = payload.get("fidelity") or {}
