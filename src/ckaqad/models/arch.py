@@ -5,6 +5,9 @@ encoder-decoder style `decoder.layers` are covered.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import torch
 from torch import nn
 
 from ckaqad.errors import ModelError
@@ -44,3 +47,142 @@ def tied_output_name(model: nn.Module) -> str | None:
         return None
     name = next(n for n, mod in model.named_modules() if mod is out_emb)
     return f"{name}.weight"
+
+
+# --- Mixture-of-Experts and hybrid families -------------------------------------------------------------------
+# transformers 5 stores a MoE layer's routed experts as fused 3-D parameters of one `*Experts` module, and marks
+# that module with `use_experts_implementation(...)` flags: `has_gate` (gate_up_proj, else up_proj), `is_transposed`
+# ([E, in, out] instead of nn.Linear's [E, out, in]), `is_concatenated` (gate rows then up rows; False: gate and up
+# interleaved row by row, gpt_oss) and `has_bias` (`<param>_bias` [E, out]). `ExpertsLayout` reads them once, so
+# that nothing else needs to know a family's layout.
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """Where an Experts module keeps its per-expert projections.
+
+    `fused`: fused parameter name -> the canonical nn.Linear projection names it holds, in row order of the
+    canonical [E, out, in] orientation (`gate_up_proj` -> (gate_proj, up_proj); `up_proj` -> (up_proj,);
+    `down_proj` -> (down_proj,)). The first fused parameter reads the block's hidden states; the last reads the
+    (gated) activation. `transposed`: stored [E, in, out]. `interleaved`: gate and up rows alternate (gpt_oss)
+    instead of gate rows then up rows. `biases`: fused parameter -> its bias parameter ([E, out]).
+    """
+
+    fused: dict[str, tuple[str, ...]]
+    transposed: bool = False
+    interleaved: bool = False
+    biases: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """Canonical projection names, in forward order: (gate_proj, up_proj, down_proj) or (up_proj, down_proj)."""
+        return tuple(p for names in self.fused.values() for p in names)
+
+    @property
+    def input_param(self) -> str:
+        """The fused parameter that reads the hidden states."""
+        return next(iter(self.fused))
+
+    @property
+    def output_param(self) -> str:
+        """The fused parameter that reads the gated activation (down_proj)."""
+        return list(self.fused)[-1]
+
+    def canonical(self, param: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (the stored fused parameter `param`) as nn.Linear orientation [E, out, in] (a view)."""
+        return tensor.transpose(-2, -1) if self.transposed else tensor
+
+    def split(self, param: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Canonical per-projection tensors `{proj: [E, out, in]}` of the stored fused parameter (gate/up
+        de-interleaved); works on biases ([E, out]) too when `param` names the weight they belong to."""
+        names = self.fused[param]
+        canon = self.canonical(param, tensor) if tensor.dim() == 3 else tensor
+        rows = -2 if tensor.dim() == 3 else -1
+        if len(names) == 1:
+            return {names[0]: canon}
+        if self.interleaved:
+            return {name: _take_every(canon, rows, i, len(names)) for i, name in enumerate(names)}
+        return dict(zip(names, canon.chunk(len(names), dim=rows), strict=True))
+
+    def merge(self, param: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Inverse of `split`: the stored fused tensor from canonical per-projection tensors."""
+        names = self.fused[param]
+        tensors = [parts[n] for n in names]
+        rows = -2 if tensors[0].dim() == 3 else -1
+        if len(names) == 1:
+            canon = tensors[0]
+        elif self.interleaved:  # rows g0, u0, g1, u1, ...: a new axis just after the row axis, then flatten
+            canon = torch.stack(tensors, dim=rows).flatten(rows - 1, rows) if rows == -2 else \
+                torch.stack(tensors, dim=-1).flatten(-2, -1)
+        else:
+            canon = torch.cat(tensors, dim=rows)
+        if canon.dim() == 3 and self.transposed:
+            canon = canon.transpose(-2, -1)
+        return canon.contiguous()
+
+
+def _take_every(tensor: torch.Tensor, dim: int, start: int, step: int) -> torch.Tensor:
+    index = [slice(None)] * tensor.dim()
+    index[dim] = slice(start, None, step)
+    return tensor[tuple(index)]
+
+
+def experts_layout(module: nn.Module) -> ExpertsLayout | None:
+    """The layout of a transformers fused-experts module (None for any other module)."""
+    if not hasattr(module, "has_gate") or not hasattr(module, "is_transposed"):
+        return None
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    if not isinstance(module._parameters.get(first), torch.Tensor) or \
+            not isinstance(module._parameters.get("down_proj"), torch.Tensor):
+        return None
+    fused = {first: ("gate_proj", "up_proj") if module.has_gate else ("up_proj",), "down_proj": ("down_proj",)}
+    biases = {p: f"{p}_bias" for p in fused if getattr(module, "has_bias", False) and f"{p}_bias" in module._parameters}
+    return ExpertsLayout(fused=fused, transposed=bool(module.is_transposed),
+                         interleaved=module.has_gate and not getattr(module, "is_concatenated", True), biases=biases)
+
+
+def expert_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every fused-experts module of the model, by module name."""
+    return {name: m for name, m in model.named_modules() if experts_layout(m) is not None}
+
+
+def checkpoint_expert_names(model: nn.Module, module_name: str) -> dict[tuple[int, str], str] | None:
+    """The state-dict key the model's own `save_pretrained` writes for each expert's projection weight:
+    `{(expert, canonical proj): key}` (e.g. qwen3_moe `(0, "gate_proj")` -> `model.layers.1.mlp.experts.0.
+    gate_proj.weight`; mixtral `...block_sparse_moe.experts.0.w1.weight`; nemotron_h `backbone.layers...`), or
+    None where `save_pretrained` keeps the experts fused (gpt_oss).
+
+    Found by running transformers' own `revert_weight_conversion` on a stand-in state dict whose every
+    (expert, projection) slice holds a distinct value, so no family's renaming is re-typed here.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    module = model.get_submodule(module_name)
+    layout = experts_layout(module)
+    if layout is None:
+        raise ModelError(f"{module_name} is not a fused-experts module")
+    tags: dict[float, tuple[int, str]] = {}
+    state = {}
+    for param in layout.fused:
+        stored = module._parameters[param]
+        canon_shape = layout.canonical(param, torch.empty(stored.shape, device="meta")).shape  # [E, out, in]
+        rows = canon_shape[1] // len(layout.fused[param])
+        parts = {}
+        for proj in layout.fused[param]:
+            values = torch.empty(canon_shape[0], rows, canon_shape[2])
+            for e in range(canon_shape[0]):
+                tag = float(len(tags) + 1)
+                tags[tag] = (e, proj)
+                values[e] = tag
+            parts[proj] = values
+        state[f"{module_name}.{param}"] = layout.merge(param, parts)
+    saved = revert_weight_conversion(model, state)
+    if any(key.endswith(param) for key in saved for param in layout.fused):
+        return None  # kept fused
+    out = {}
+    for key, tensor in saved.items():
+        tag = float(tensor.flatten()[0])
+        if tag in tags and bool((tensor == tag).all()):
+            out[tags[tag]] = key
+    if len(out) != len(tags):
+        raise ModelError(f"cannot map the saved expert names of {module_name}: {len(out)} of {len(tags)} found")
+    return out

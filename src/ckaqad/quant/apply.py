@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from ckaqad.errors import ConfigError
+from ckaqad.models.arch import experts_layout
+from ckaqad.quant.experts import QuantExperts, expert_input_dims, global_amax, quantize_experts_
 from ckaqad.quant.linear import FUSED_SIBLINGS, QuantConfig, QuantLinear, SiblingGroup
 
 
@@ -54,12 +56,14 @@ class QuantReport:
         path.write_text(json.dumps(self.to_dict(), indent=2))
 
 
-def _exclusion_reason(name: str, linear: nn.Linear, config: QuantConfig) -> str | None:
+def _exclusion_reason(name: str, module: nn.Module, config: QuantConfig) -> str | None:
     for pattern in config.exclude:
         if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern):
             return f"excluded by pattern {pattern!r}"
-    if linear.in_features % config.block_size:
-        return f"input dim {linear.in_features} is not a multiple of the {config.format} block {config.block_size}"
+    in_dims = [module.in_features] if isinstance(module, nn.Linear) else list(expert_input_dims(module).values())
+    for dim in in_dims:
+        if dim % config.block_size:
+            return f"input dim {dim} is not a multiple of the {config.format} block {config.block_size}"
     return None
 
 
@@ -88,6 +92,19 @@ def quantize_model_(model: nn.Module, config: QuantConfig, only: Iterable[str] |
         swapped[name] = qlinear
         report.quantized.append(name)
         report.quantized_params += module.weight.numel()
+    for name, module in list(model.named_modules()):
+        if experts_layout(module) is None or isinstance(module, QuantExperts):
+            continue
+        numel = sum(module._parameters[p].numel() for p in experts_layout(module).fused)
+        report.total_linear_params += numel
+        reason = _exclusion_reason(name, module, config) if only is None else \
+            (None if name in only else "not quantized in the saved student")
+        if reason:
+            report.excluded[name] = reason
+            continue
+        quantize_experts_(module, config)
+        report.quantized.append(name)
+        report.quantized_params += numel
     for parent_name in sorted({n.rpartition(".")[0] for n in swapped}):
         for siblings in FUSED_SIBLINGS:
             names = [f"{parent_name}.{s}" if parent_name else s for s in siblings]
@@ -101,6 +118,23 @@ def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def quant_experts(model: nn.Module) -> dict[str, QuantExperts]:
+    """The model's fake-quantized fused-experts modules, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantExperts)}
+
+
+def quant_modules(model: nn.Module) -> dict[str, QuantLinear | QuantExperts]:
+    """Every fake-quantized module (Linear layers and fused experts), by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))}
+
+
+def quantized_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the student fake-quantizes (its quantized weights, masters of the served codes)."""
+    params = [m.weight for m in quant_linears(model).values()]
+    params += [m.master(p) for m in quant_experts(model).values() for p in m.layout.fused]
+    return params
+
+
 @torch.no_grad()
 def calibrate(student: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> int:
     """Max-calibrate input global amaxes (W4A4) and freeze them; freeze weight amaxes if configured.
@@ -110,16 +144,23 @@ def calibrate(student: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) ->
     beyond what the model produces. Returns the number of batches used.
     """
     layers = quant_linears(student)
+    experts = list(quant_experts(student).values())
     # Frozen weight amaxes first: the calibration forward quantizes the weights with them (zero amaxes would
     # quantize every weight to 0 and starve the later layers' activation amaxes).
     for m in layers.values():
         if m.frozen_weight_global and m.uses_global_scale:
             m.weight_amax.copy_(m.current_weight_amax())
+    for m in experts:
+        for param in m.layout.fused:
+            m._buffers[f"{param}_weight_amax"].copy_(m.current_weight_amax(param))
+        m.calib_tokens.zero_()
     needs_inputs = [m for m in layers.values() if m.quantize_input and m.uses_global_scale]
+    needs_inputs += [m for m in experts if m.quantize_input and m.uses_global_scale]
     used = 0
     if needs_inputs:
         for m in needs_inputs:
-            m.input_amax.zero_()
+            for amax in _input_amaxes(m):
+                amax.zero_()
             m.calibrating = True
         try:
             for batch in batches:
@@ -131,7 +172,8 @@ def calibrate(student: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) ->
         if used == 0:
             raise ConfigError("calibration needs at least one batch of data")
     for m in needs_inputs:
-        m.input_amax.copy_(m.global_amax(m.input_amax))
+        for amax in _input_amaxes(m):
+            amax.copy_(_finite_input_amax(m, amax))
     groups = {id(m.group): m.group for m in layers.values() if m.group is not None}
     for group in groups.values():
         if group.members[0].quantize_input:
@@ -139,10 +181,26 @@ def calibrate(student: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) ->
     return used
 
 
+def _input_amaxes(module: QuantLinear | QuantExperts) -> list[torch.Tensor]:
+    if isinstance(module, QuantLinear):
+        return [module.input_amax]
+    return [module._buffers[f"{p}_input_amax"] for p in module.layout.fused]
+
+
+def _finite_input_amax(module: QuantLinear | QuantExperts, amax: torch.Tensor) -> torch.Tensor:
+    """The calibrated input amax as its global scale takes it (pow2-rounded where configured)."""
+    if isinstance(module, QuantLinear):
+        return module.global_amax(amax)
+    return global_amax(amax, module.quant_config.global_scale == "pow2")
+
+
 def quant_config_of(model: nn.Module) -> QuantConfig | None:
-    """The QuantConfig the model's QuantLinear layers were built with (None for an unquantized model)."""
+    """The QuantConfig the model's quantized modules were built with (None for an unquantized model)."""
     layers = quant_linears(model)
-    return next(iter(layers.values())).config if layers else None
+    if layers:
+        return next(iter(layers.values())).config
+    experts = quant_experts(model)
+    return next(iter(experts.values())).quant_config if experts else None
 
 
 @torch.no_grad()
@@ -153,14 +211,20 @@ def freeze_scales(model: nn.Module) -> None:
         amax = m.weight_global_amax()
         if amax is not None:
             m.weight_amax.copy_(amax)
+    for m in quant_experts(model).values():
+        for param in m.layout.fused:
+            amax = m.weight_global_amax(param)
+            if amax is not None:
+                m._buffers[f"{param}_weight_amax"].copy_(amax)
 
 
 @contextlib.contextmanager
 def cached_quantized_weights(*models: nn.Module) -> Iterator[None]:
     """Quantize each QuantLinear's weight once for the duration of the block (evaluation, generation), and
     drop the copies afterwards. The weights must not change inside the block."""
-    layers = [m for model in models for m in quant_linears(model).values()]
-    held = [m for m in layers if m._held_weight is None]  # nested use keeps the outer copies
+    layers = [m for model in models for m in quant_modules(model).values()]
+    # nested use keeps the outer copies
+    held = [m for m in layers if (m._held_weight if isinstance(m, QuantLinear) else m._held) is None]
     for m in held:
         m.hold_quantized_weight()
     try:

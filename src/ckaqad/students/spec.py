@@ -23,7 +23,7 @@ from ckaqad.errors import CheckpointError, ConfigError
 from ckaqad.export.reader import load_export
 from ckaqad.models.load import load_model
 from ckaqad.paths import RunDir, ShardedCheckpointDir, StudentDir, detect
-from ckaqad.quant.apply import QuantReport, calibrate, quant_config_of, quant_linears, quantize_model_
+from ckaqad.quant.apply import QuantReport, calibrate, quant_config_of, quantize_model_, quantized_parameters
 from ckaqad.quant.linear import QuantConfig
 from ckaqad.registry import Registry
 from ckaqad.students.store import check_vocabulary, consolidate_sharded_checkpoint, load_student_dir
@@ -68,7 +68,7 @@ def build_ptq_student(teacher: nn.Module, quant: QuantConfig, blocks: TokenBlock
 def high_precision_parameters(student: nn.Module) -> list[nn.Parameter]:
     """The float parameters of a quantized student other than its quantized weights: norms, embeddings (a tied
     head once), biases and unquantized Linear layers such as the head — what an export stores in bf16."""
-    quantized = {id(m.weight) for m in quant_linears(student).values()}
+    quantized = {id(p) for p in quantized_parameters(student)}
     return [p for p in student.parameters() if p.is_floating_point() and id(p) not in quantized]
 
 
