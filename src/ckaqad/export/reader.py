@@ -13,11 +13,17 @@ import torch
 from torch import nn
 
 from ckaqad.errors import ExportError
-from ckaqad.export.compress import decompress, quantized_modules, requantizes_exactly
+from ckaqad.export.compress import (
+    checkpoint_names,
+    decompress,
+    quantized_modules,
+    requantizes_exactly,
+    to_state_dict,
+)
 from ckaqad.export.layouts import Layout, detect, read_json
 from ckaqad.models.arch import tied_output_name
 from ckaqad.paths import ExportDir
-from ckaqad.quant.apply import quant_linears, quantize_model_
+from ckaqad.quant.apply import quant_experts, quant_linears, quantize_model_
 from ckaqad.quant.linear import QuantConfig
 
 logger = logging.getLogger(__name__)
@@ -161,24 +167,32 @@ def load_export(export_dir: str | os.PathLike, device: str | torch.device = "cpu
     tensors = read_tensors(info.weight_files)
     quantized = quantized_modules(tensors, info.layout)
     model = _build_model(root, info.config)
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    unknown = sorted(set(quantized) - set(linears))
+    # The export holds checkpoint names (what the model's save_pretrained writes; per-expert projections).
+    names = checkpoint_names(model)
+    linears = {names.module(name): name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    expert_of = {prefix: module for module, (_, prefixes) in names.experts.items() for prefix in prefixes.values()}
+    unknown = sorted(set(quantized) - set(linears) - set(expert_of))
     if unknown:
         raise ExportError(f"{root}: quantized tensors for modules the model does not have: {unknown[:3]}")
+    quantized_linears = sorted(linears[q] for q in quantized if q in linears)
+    quantized_experts = sorted({expert_of[q] for q in quantized if q in expert_of})
+    partial = [m for m in quantized_experts if not set(names.experts[m][1].values()) <= set(quantized)]
+    if partial:
+        raise ExportError(f"{root}: the experts of {partial[0]} are quantized only in part")
     config = QuantConfig(format="nvfp4", scheme="w4a4" if info.w4a4 else "w4a16", weight_global="frozen",
-                         arithmetic=arithmetic, exclude=tuple(sorted(set(linears) - set(quantized))))
-    quantize_model_(model, config)
-    if sorted(quant_linears(model)) != quantized:
+                         arithmetic=arithmetic)
+    quantize_model_(model, config, only=quantized_linears + quantized_experts)
+    if sorted(quant_linears(model)) != quantized_linears or sorted(quant_experts(model)) != quantized_experts:
         raise ExportError(f"{root}: the quantized layers in the checkpoint do not match the model")
     state = decompress(tensors, info.layout, info.w4a4, read_scales_record(root), where=str(root))
-    _fill(model, state, root)
-    names = info.layout.names
+    local = info.layout.names
     changed = [name for name in quantized
                if not requantizes_exactly(state[f"{name}.weight"], state[f"{name}.weight_amax"],
-                                          tensors[f"{name}.{names.packed}"], tensors[f"{name}.{names.block_scales}"])]
+                                          tensors[f"{name}.{local.packed}"], tensors[f"{name}.{local.block_scales}"])]
     if changed:
         logger.warning("%d layers re-quantize to different codes than stored (blocks with subnormal FP8 scales), "
                        "first %s; their forward differs from the export", len(changed), changed[0])
+    _fill(model, to_state_dict(state, names, quantized_experts, where=str(root)), root)
     tokenizer = load_tokenizer(root)
     model.to(torch.device(device)).eval().requires_grad_(False)
     return model, tokenizer
