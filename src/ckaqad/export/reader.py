@@ -214,5 +214,49 @@ def load_served(export_dir: str | os.PathLike, device: str | torch.device = "cpu
         model = AutoModelForCausalLM.from_pretrained(str(info.root), dtype=torch.bfloat16, local_files_only=True)
     except Exception as exc:  # transformers and compressed-tensors raise many types for unreadable checkpoints
         raise ExportError(f"transformers cannot load {info.root}: {exc}") from exc
+    repaired = repair_served_experts(model, read_tensors(info.weight_files), info)
+    if repaired:
+        logger.warning("transformers dequantized %d NVFP4 expert tensors without their weight_global_scale "
+                       "(huggingface/transformers#48371); ckaqad decompressed them again with it "
+                       "(docs/moe_export.md#reloading-in-transformers)", repaired)
     model.to(torch.device(device)).eval().requires_grad_(False)
     return model, load_tokenizer(info.root)
+
+
+@torch.no_grad()
+def repair_served_experts(model: nn.Module, tensors: dict[str, torch.Tensor], info: ExportInfo) -> int:
+    """Put the right weights into the fused experts of a model that transformers loaded from a compressed-tensors
+    NVFP4 export; returns how many fused tensors were wrong (0 once transformers is fixed).
+
+    transformers 5.25's `CompressedTensorsDequantize` rebuilds each expert projection as a stand-in module with
+    `weight_packed`, `weight_scale` and `weight_shape` only, so compressed-tensors dequantizes it as
+    `code · s8` without dividing by `weight_global_scale` (huggingface/transformers#48371, PR #48372): every expert
+    comes back scaled by `2688/amax`, silently. Here each expert projection is decompressed by compressed-tensors'
+    own `NVFP4PackedCompressor` with all its stored tensors (`Layout.serving_weight`), cast to the model's dtype
+    as transformers casts it, and fused with `ExpertsLayout.merge`. Experts run weight-only (W4A16) in
+    transformers either way: it has no activation quantizer for them (their `input_global_scale` load as
+    unexpected keys).
+    """
+    # transformers' quantized model carries loading converters that cannot be reverted: read the names from the
+    # same architecture built plain, on the meta device.
+    with torch.device("meta"):
+        plain = _build_model(info.root, info.config)
+    names = checkpoint_names(plain)
+    qconfig = info.config.get("quantization_config") or {}
+    local = info.layout.names
+    wrong = 0
+    for module_name_, (layout, prefixes) in names.experts.items():
+        if not all(f"{p}.{local.packed}" in tensors for p in prefixes.values()):
+            continue  # experts kept in high precision: transformers loaded them as they are
+        module = model.get_submodule(module_name_)
+        count = 1 + max(e for e, _ in prefixes)
+        for param, projs in layout.fused.items():
+            target = module._parameters[param]
+            parts = {proj: torch.stack([
+                info.layout.serving_weight({k: tensors[f"{prefixes[(e, proj)]}.{k}"] for k in local.of(False)},
+                                           qconfig).to(target.dtype) for e in range(count)]) for proj in projs}
+            fused = layout.merge(param, parts).to(target.device)
+            if not torch.equal(fused, target):
+                wrong += 1
+                target.copy_(fused)
+    return wrong
