@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
-from moe_models import tiny_moe
 
 from ckaqad.capture import router_modules
 from ckaqad.eval.fidelity import measure_fidelity
 from ckaqad.eval.routing import expert_load, routing_summary, topk_jaccard
 from ckaqad.objectives.router_kl import router_kl_per_token
+from tests.moe_helpers import make_tiny_moe as tiny_moe
 
 
 def test_topk_jaccard_golden_values_and_order_invariance():

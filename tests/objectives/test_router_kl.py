@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_models import FAMILIES, tiny_moe
 
 from ckaqad.capture import RouterCapture, RouterStates
 from ckaqad.errors import ConfigError, ModelError
 from ckaqad.objectives.base import ForwardOutputs
 from ckaqad.objectives.compose import Composite, ObjectiveConfig
 from ckaqad.objectives.router_kl import RouterKLConfig, router_kl_per_token, router_kl_term
+from tests.moe_helpers import MOE_FAMILIES as FAMILIES
+from tests.moe_helpers import make_tiny_moe as tiny_moe
 
 
 def direct_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, kind: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ckaqad.errors import ExportError
-from ckaqad.export.compress import check_nvfp4_student, checkpoint_names
+from ckaqad.export.compress import CheckpointNames, check_nvfp4_student, checkpoint_names
 from ckaqad.export.reader import inspect_export, load_export, load_served, read_tensors
 from ckaqad.formats import nvfp4
 from ckaqad.formats.e2m1 import e2m1_grid
@@ -101,11 +101,13 @@ def verify_export(export_dir: str | os.PathLike, student: nn.Module) -> dict:
     worst_rel, failures, reader_dtype = 0.0, [], ""
     reloaded, _ = load_export(info.root)
     reloaded_layers = quant_linears(reloaded)
+    saved = checkpoint_names(student)  # the export holds the model's save_pretrained names
     with cached_quantized_weights(student, reloaded):
         for name, m in layers.items():
-            local = {k: tensors[f"{name}.{k}"] for k in names.of(info.w4a4) if f"{name}.{k}" in tensors}
-            if any(f"{name}.{k}" not in tensors for k in names.of(False)):
-                failures.append(f"{name}: missing tensors")
+            prefix = saved.module(name)
+            local = {k: tensors[f"{prefix}.{k}"] for k in names.of(info.w4a4) if f"{prefix}.{k}" in tensors}
+            if any(f"{prefix}.{k}" not in tensors for k in names.of(False)):
+                failures.append(f"{prefix}: missing tensors")
                 continue
             want = nvfp4.quantize(m.weight.detach().float().cpu(), m.weight_global_amax().cpu())
             values = unpack_fp4_from_uint8(local[names.packed], m.out_features, m.in_features, dtype=torch.float32)
@@ -125,7 +127,7 @@ def verify_export(export_dir: str | os.PathLike, student: nn.Module) -> dict:
         exact = sum(name in reloaded_layers and torch.equal(reloaded_layers[name].quantized_weight().cpu(),
                                                             m.quantized_weight().detach().float().cpu())
                     for name, m in layers.items())
-        expert_checks = _verify_experts(student, reloaded, tensors, info, failures)
+        expert_checks = _verify_experts(student, reloaded, tensors, info, saved, failures)
         worst_rel = max(worst_rel, expert_checks["max_relative_weight_difference"])
     if exact != len(layers):
         failures.append(f"load: {len(layers) - exact} layers' quantized weights differ from the student's")
@@ -141,7 +143,7 @@ def verify_export(export_dir: str | os.PathLike, student: nn.Module) -> dict:
 
 
 def _verify_experts(student: nn.Module, reloaded: nn.Module, tensors: dict[str, torch.Tensor], info,
-                    failures: list[str]) -> dict:
+                    names: CheckpointNames, failures: list[str]) -> dict:
     """`verify_export`'s checks for every expert of every quantized experts module: codes (compressed-tensors'
     unpacker) and FP8 block scales equal the student's, the layout's serving reader (compressed-tensors'
     `NVFP4PackedCompressor`, or ModelOpt's `code · s8 · g`) dequantizes the student's fake-quantized expert,
@@ -151,7 +153,6 @@ def _verify_experts(student: nn.Module, reloaded: nn.Module, tensors: dict[str, 
     experts = quant_experts(student)
     if not experts:
         return {"projections": 0, "load_bit_exact_modules": 0, "max_relative_weight_difference": 0.0}
-    names = checkpoint_names(student)
     layout, local = info.layout, info.layout.names
     qconfig = info.config.get("quantization_config") or {}
     grid = e2m1_grid()
