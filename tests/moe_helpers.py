@@ -4,8 +4,7 @@ experts), shared by the MoE tests (quant/, models/, commands/, export/). Built i
 from __future__ import annotations
 
 import torch
-
-from tests.conftest import TINY_SPECIAL_TOKENS
+from conftest import TINY_SPECIAL_TOKENS
 
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3", "nemotron_h")
 # The dense family of the paper, built by the same helper for coverage comparisons.

@@ -186,3 +186,61 @@ def checkpoint_expert_names(model: nn.Module, module_name: str) -> dict[tuple[in
     if len(out) != len(tags):
         raise ModelError(f"cannot map the saved expert names of {module_name}: {len(out)} of {len(tags)} found")
     return out
+
+
+# --- What stays in high precision by rule ---------------------------------------------------------------------
+# Every peer (ModelOpt, llm-compressor, NVIDIA's published NVFP4 checkpoints) keeps these in BF16; the coverage
+# report (quant/apply.py) names the rule for each kept tensor, and a block weight no rule covers is an error.
+MAMBA_SSM_PARAMETERS = ("A_log", "D", "dt_bias")
+
+
+def high_precision_rule(module: nn.Module, param_name: str, tensor: torch.Tensor) -> str | None:
+    """Why parameter `param_name` of `module` stays in high precision by default (None: no rule; it should be
+    quantized). Family knowledge lives here: routers, Mamba's conv1d and state-space parameters, norms."""
+    kind = type(module).__name__
+    if "Router" in kind:
+        return "MoE router (kept in high precision by every peer; routing must stay exact)"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Conv1d):
+        return "Mamba conv1d (kept in high precision by every peer)"
+    if param_name in MAMBA_SSM_PARAMETERS:
+        return "Mamba state-space parameter (A, D, dt)"
+    if "Norm" in kind or "norm" in param_name:
+        return "norm"
+    if param_name.endswith("bias"):
+        return "bias (added in high precision after its GEMM)"
+    if tensor.dim() <= 1:
+        return "1-D parameter (gains, sinks and per-channel vectors stay in high precision)"
+    return None
+
+
+def block_kind(block: nn.Module) -> str:
+    """The kind of a decoder block by its mixer: mamba, attention, moe or mlp (a Llama-like block with attention
+    and an MLP or MoE is 'attention+mlp' / 'attention+moe'). nemotron_h's blocks hold one mixer each."""
+    mixer = getattr(block, "mixer", None)
+    if isinstance(mixer, nn.Module):  # nemotron_h / granitemoehybrid style: one mixer per block
+        kind = type(mixer).__name__
+        for word, name in (("Mamba", "mamba"), ("Attention", "attention"), ("MoE", "moe"), ("MLP", "mlp")):
+            if word in kind:
+                return name
+    kinds = []
+    names = {n.rsplit(".", 1)[-1] for n, _ in block.named_modules()}
+    if names & {"mamba", "mixer"} and any("Mamba" in type(m).__name__ for m in block.modules()):
+        kinds.append("mamba")
+    if names & {"self_attn", "attention", "attn"}:
+        kinds.append("attention")
+    if any(experts_layout(m) is not None for m in block.modules()):
+        kinds.append("moe")
+    elif names & {"mlp", "feed_forward", "block_sparse_moe"}:
+        kinds.append("mlp")
+    return "+".join(kinds) or "other"
+
+
+def fused_kernel_mixers(model: nn.Module) -> list[nn.Module]:
+    """Mamba2 mixers (nemotron_h, granitemoehybrid, falcon_h1): in training mode without a cache their forward
+    calls `mamba_split_conv1d_scan_combined` (mamba-ssm or a hub kernel, on GPU) with `out_proj.weight` itself,
+    which would bypass a fake-quantized out_proj. Their eval-mode forward calls `self.in_proj` and `self.out_proj`
+    as modules; `self.training` selects nothing else in these mixers (transformers 5.25)."""
+    return [m for m in model.modules() if "Mamba" in type(m).__name__ and "Mixer" in type(m).__name__
+            and isinstance(getattr(m, "out_proj", None), nn.Module)]
