@@ -76,6 +76,8 @@ class RouterKLObjective:
 
     needs_states = False
     needs_routers = True
+    metric = "router_kl"
+    weight_metric = None
 
     def __init__(self, config: RouterKLConfig) -> None:
         self.config = config
@@ -89,3 +91,6 @@ class RouterKLObjective:
         local = out.student_logits[..., 0].numel() if mask is None else mask.sum()
         count = global_count(torch.as_tensor(local, device=device))
         return sum_over_ranks(router_kl_term(out.student_routers, out.teacher_routers, mask, count))
+
+    def weight(self, value: torch.Tensor, first: torch.Tensor) -> float:
+        return self.config.router_kl_weight
