@@ -110,7 +110,7 @@ def train_ce(model: nn.Module, blocks: torch.Tensor, config: Config) -> list[flo
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         print(f"CE step {step + 1}/{config.ce_steps}: loss {losses[-1]:.4f}", flush=True)
     model.eval().requires_grad_(False)
     return losses
