@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import make_tiny_model
 
 from ckaqad.capture import router_modules
 from ckaqad.commands.upcycle import routing_sensitivity, shifted_routers
 from ckaqad.errors import ConfigError
 from ckaqad.models.upcycle import UpcycleConfig, upcycle
+from tests.conftest import make_tiny_model
 
 
 def ids() -> torch.Tensor:
