@@ -43,6 +43,11 @@ def tiny_config(family: str, experts_implementation: str | None = None):
             n_shared_experts=1, moe_shared_expert_intermediate_size=32, n_group=1, topk_group=1,
             hybrid_override_pattern="ME*E", mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=16,
             n_groups=1, mamba_chunk_size=16, head_dim=16)
+    elif family == "granitemoehybrid":
+        config = transformers.GraniteMoeHybridConfig(
+            **_COMMON, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
+            layer_types=["mamba", "attention"], mamba_n_heads=8, mamba_d_head=16, mamba_expand=2, mamba_d_state=16,
+            mamba_n_groups=1, mamba_chunk_size=16, shared_intermediate_size=32)
     else:
         raise ValueError(family)
     if experts_implementation is not None:

@@ -340,3 +340,41 @@ def test_mamba_mixers_of_a_quantized_student_never_take_the_fused_kernel_that_re
     model(input_ids=ids(11), use_cache=False)
     assert len(calls) == 1 and len(seen) == 1  # the quantized out_proj ran as a module
     assert model.training and mixer.training  # the mixer is back in training mode afterwards
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "nemotron_h"])
+def test_a_saved_moe_student_reloads_with_its_quantized_experts_and_scales(family, tmp_path):
+    from ckaqad.students.store import load_student_dir, save_student_dir
+
+    model, report = quantized(family, weight_global="frozen")
+    save_student_dir(model, tmp_path / "student")
+    loaded, meta = load_student_dir(tmp_path / "student")
+    assert set(report.quantized_experts) <= set(meta["quantized"])
+    assert sorted(quant_experts(loaded)) == sorted(quant_experts(model))
+    for name, module in quant_experts(loaded).items():
+        buffers = ["calib_tokens", *(f"{p}_{kind}_amax" for p in module.layout.fused for kind in ("weight", "input"))]
+        for buffer in buffers:
+            assert torch.equal(module._buffers[buffer], quant_experts(model)[name]._buffers[buffer])
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=ids(12)).logits, model(input_ids=ids(12)).logits)
+
+
+def test_granitemoehybrid_experts_and_mamba_are_covered_too():
+    model, report = quantized("granitemoehybrid")
+    assert report.share_outside_declared >= 0.99 and len(report.quantized_experts) == 2
+    assert model.model.layers[0].mamba._ckaqad_module_path  # its Mamba layer runs the module path
+    outputs = {}
+    with torch.no_grad():
+        for implementation in ("grouped_mm", "eager"):
+            model.config._experts_implementation = implementation
+            outputs[implementation] = model(input_ids=ids(13)).logits
+    assert torch.equal(outputs["grouped_mm"], outputs["eager"])
+
+
+def test_under_autocast_the_experts_run_in_the_autocast_dtype(students):
+    model, _ = students["qwen3_moe"]
+    module = model.model.layers[0].mlp.experts
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert module.gate_up_proj.dtype == torch.bfloat16
+        out = model(input_ids=ids(14)).logits
+    assert torch.isfinite(out).all() and module.gate_up_proj.dtype == torch.float32

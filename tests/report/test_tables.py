@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ckaqad.eval.fidelity import Fidelity
-from ckaqad.report.tables import cell, comparison_table, coverage_lines, fidelity_table, layer_table, metric_lines
+from ckaqad.report.tables import (
+    block_kind_lines,
+    block_kind_metrics,
+    block_kind_summary,
+    cell,
+    comparison_table,
+    coverage_lines,
+    fidelity_table,
+    layer_table,
+    metric_lines,
+)
 
 
 def result(label: str, rows: list[tuple[int, int, float]]) -> Fidelity:
@@ -37,3 +49,15 @@ def test_cells_and_metric_tables():
     assert metric_lines({"a": 0.25, "n": 2}) == ["| metric | value |", "|---|---|", "| a | 0.2500 |", "| n | 2 |"]
     assert comparison_table({"m1": {"a": 1.0}, "m2": {}}, ["a"]) == [
         "| model | a |", "|---|---|", "| m1 | 1.0000 |", "| m2 | – |"]
+
+
+def test_block_kind_summary_and_metrics_group_layers_by_block_type():
+    layers = [{"index": 0, "cka": 0.9}, {"index": 1, "cka": 0.8}, {"index": 2, "cka": 0.7}, {"index": 3, "cka": 0.6}]
+    kinds = ["mamba", "moe", "attention", "moe"]
+    summary = block_kind_summary(layers, kinds)
+    assert summary["moe"] == {"mean": pytest.approx(0.7), "min": 0.6, "layers": [1, 3]}
+    assert block_kind_metrics(layers, kinds) == {"cka.mamba": 0.9, "cka.moe": pytest.approx(0.7),
+                                                 "cka.attention": 0.7}
+    assert block_kind_metrics(layers, ["attention+mlp"] * 4) == {}  # dense models keep their study tables
+    lines = block_kind_lines({"nvfp4-w4a4": summary})
+    assert lines[0] == "| block kind | blocks | nvfp4-w4a4 |" and "| moe | 2 | 0.7000 (0.6000) |" in lines

@@ -53,10 +53,12 @@ from ckaqad.eval.tasks import parse_tasks, run_tasks
 from ckaqad.export.reader import load_served
 from ckaqad.export.writer import export_student
 from ckaqad.files import check_writable, write_json
+from ckaqad.models.arch import block_kind, decoder_layers
 from ckaqad.models.load import LoadedModel, load_model
 from ckaqad.objectives.compose import ObjectiveConfig
 from ckaqad.paths import RunDir, StudyDir
 from ckaqad.quant.linear import QuantConfig
+from ckaqad.report import tables
 from ckaqad.report.study import SERVED_PREFIX, aggregate, method_label, write_study
 from ckaqad.students.spec import build_ptq_student, load_student
 from ckaqad.train.checkpointer import CheckpointConfig
@@ -393,6 +395,7 @@ def evaluate_cells(study: Study, cells: list[Cell], teacher: LoadedModel, device
     torch_device = next(teacher.model.parameters()).device
     exclude = tuple(i for i in (teacher.tokenizer.bos_token_id,) if i is not None)
     data_note = f"{n} held-out blocks of {ev.seq_len} tokens ({fid_blocks.source}); {token_rule(ev.n_sink)}"
+    kinds = [block_kind(block) for block in decoder_layers(teacher.model)]
     calib_blocks = None
     for start in range(0, len(cells), ev.group):
         group = cells[start:start + ev.group]
@@ -431,6 +434,7 @@ def evaluate_cells(study: Study, cells: list[Cell], teacher: LoadedModel, device
             else:
                 fid = results[cell.label()]
                 metrics, layers = cell_metrics(fid, tasks), fid.layers
+                metrics.update(tables.block_kind_metrics(fid.layers, kinds))  # hybrids: CKA per block type
             if cell in served:
                 served_tasks = run_tasks(served[cell], teacher.tokenizer, ev.task_names, limit=ev.limit,
                                          batch_size=ev.batch_size) if ev.task_names else {}

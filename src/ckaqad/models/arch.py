@@ -238,9 +238,10 @@ def block_kind(block: nn.Module) -> str:
 
 
 def fused_kernel_mixers(model: nn.Module) -> list[nn.Module]:
-    """Mamba2 mixers (nemotron_h, granitemoehybrid, falcon_h1): in training mode without a cache their forward
+    """Mamba2 mixers (nemotron_h's Mamba2Mixer, granitemoehybrid's MambaLayer, falcon_h1's Mixer: the modules
+    with in_proj, out_proj and A_log): in training mode without a cache their forward
     calls `mamba_split_conv1d_scan_combined` (mamba-ssm or a hub kernel, on GPU) with `out_proj.weight` itself,
     which would bypass a fake-quantized out_proj. Their eval-mode forward calls `self.in_proj` and `self.out_proj`
     as modules; `self.training` selects nothing else in these mixers (transformers 5.25)."""
-    return [m for m in model.modules() if "Mamba" in type(m).__name__ and "Mixer" in type(m).__name__
-            and isinstance(getattr(m, "out_proj", None), nn.Module)]
+    return [m for m in model.modules() if isinstance(getattr(m, "out_proj", None), nn.Module)
+            and isinstance(getattr(m, "in_proj", None), nn.Module) and "A_log" in m._parameters]

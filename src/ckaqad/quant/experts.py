@@ -26,9 +26,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
-from ckaqad.formats import CALIBRATED_FORMATS, get_format
+from ckaqad.formats import CALIBRATED_FORMATS, backends, get_format
 from ckaqad.formats.nvfp4_runtime import pow2_global_amax
 from ckaqad.formats.ste import straight_through
 from ckaqad.models.arch import ExpertsLayout, experts_layout
@@ -51,14 +52,24 @@ def fake_quantize_activation(x: torch.Tensor, amax: torch.Tensor | None, config:
     return get_format(config.format).fake_quantize(x, amax, config.clip_gradient)
 
 
+# Experts of at least this many weights each are fake-quantized one call per expert even on the reference path:
+# measured on CPU (benchmarks/bench_moe_quant.py, docs/method.md#fused-experts) one 3-D call is 3-4x faster for
+# many small experts (128 x 96x256, 32 x 256x256) and 1.8x slower for 8 experts of 3584x512, whose per-call
+# intermediates no longer fit in cache.
+ONE_CALL_PER_EXPERT_FROM = 1 << 20
+
+
 def fake_quantize_expert_weights(weight: torch.Tensor, amax: torch.Tensor | None,
                                  config: QuantConfig) -> torch.Tensor:
     """Per-expert fake quant of canonical expert weights `[E, out, in]` (blocks along `in`), expert `e` with
     global amax `amax[e]` ([E] float32, or None for formats without global scales); same shape and dtype,
     straight-through gradient to `weight`.
 
-    Each expert goes through the format's (or the served arithmetic's) own 2-D entry point, the one QuantLinear
-    calls, so fast backends and the reference apply unchanged (a fast path takes one scalar global amax).
+    Dispatch (docs/method.md#fused-experts, measured by benchmarks/bench_moe_quant.py): where a fast backend
+    serves the tensor (`formats/backends.py`: it takes one scalar global amax) or a served arithmetic is asked
+    for, each expert goes through the same 2-D entry point QuantLinear calls; otherwise the format's fp32
+    reference runs once on the 3-D tensor with the amax broadcast per expert ([E, 1, 1]), which is the same
+    arithmetic element for element without E small calls.
     """
     if config.arithmetic in SERVED_FUNCTIONS:
         served = SERVED_FUNCTIONS[config.arithmetic][1]
@@ -67,6 +78,8 @@ def fake_quantize_expert_weights(weight: torch.Tensor, amax: torch.Tensor | None
     fmt = get_format(config.format)
     if amax is None:  # no per-tensor state: the blocks of all experts at once
         return fmt.fake_quantize(weight, None, config.clip_gradient)
+    if backends.fast_path(config.format, weight) is None and weight[0].numel() < ONE_CALL_PER_EXPERT_FROM:
+        return straight_through(fmt.fake_quantize_reference, weight, amax.view(-1, 1, 1), config.clip_gradient)
     return torch.stack([fmt.fake_quantize(weight[e], amax[e], config.clip_gradient) for e in range(weight.shape[0])])
 
 
@@ -137,6 +150,21 @@ class QuantExperts(nn.Module):
         if self._held is not None:
             return self._held[param]
         return self._fake_quantized(param, self.master(param))
+
+    def _read_projection(self, param: str) -> torch.Tensor:
+        """`self.<param>`: the fake-quantized weight; but a sharded DTensor parameter is FSDP2 reading back what
+        it registered (`reset_sharded_param`), and gets the parameter itself. In a forward FSDP2 has put the
+        unsharded (plain) parameter in place, so the experts implementations always see the quantized one."""
+        stored = self._parameters[param]
+        if isinstance(stored, DTensor):
+            return stored
+        weight = self.quantized_weight(param)
+        device = weight.device.type
+        if torch.is_autocast_enabled(device):
+            # grouped_mm is not autocast-enabled and casts its input to the weight's dtype: hand it the autocast
+            # dtype, as QuantLinear casts its quantized weight to the input's dtype.
+            weight = weight.to(torch.get_autocast_dtype(device))
+        return weight
 
     @torch.no_grad()
     def hold_quantized_weight(self) -> None:
@@ -282,7 +310,7 @@ def _quant_class(cls: type, layout: ExpertsLayout) -> type:
     """`QuantExperts` + `cls`, with each fused parameter a property giving its fake-quantized value."""
     key = (cls, tuple(layout.fused))
     if key not in _QUANT_CLASSES:
-        namespace: dict = {p: property(lambda self, p=p: self.quantized_weight(p)) for p in layout.fused}
+        namespace: dict = {p: property(lambda self, p=p: self._read_projection(p)) for p in layout.fused}
         if "gate_proj" not in layout.projections:
             # Non-gated experts (nemotron_h's relu²) call `self.act_fn` between the GEMMs: down's input.
             namespace["act_fn"] = property(lambda self: self._activate_non_gated)

@@ -140,3 +140,11 @@ def block_kind_lines(summaries: dict[str, dict[str, dict]]) -> list[str]:
         cells = [f"{s[kind]['mean']:.4f} ({s[kind]['min']:.4f})" if kind in s else "–" for s in summaries.values()]
         lines.append(f"| {kind} | {len(first['layers'])} | " + " | ".join(cells) + " |")
     return lines
+
+
+def block_kind_metrics(layers: list[dict], kinds: list[str]) -> dict[str, float]:
+    """`{"cka.<kind>": mean CKA}` for a model of several block kinds (a hybrid such as nemotron_h); empty for a
+    model whose blocks are all alike, so dense studies keep their tables."""
+    if len(set(kinds)) < 2:
+        return {}
+    return {f"cka.{kind}": s["mean"] for kind, s in block_kind_summary(layers, kinds).items()}
