@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ckaqad.errors import ConfigError
+from ckaqad.errors import ConfigError, ModelError
 from ckaqad.models.arch import decoder_layers
 
 
@@ -176,3 +176,99 @@ def rank_rows(rows: torch.Tensor, rank: int, world: int, rows_per_rank: int) -> 
     owner = torch.div(rows, rows_per_rank, rounding_mode="floor")
     counts = torch.bincount(owner, minlength=world).tolist()
     return rows[owner == rank] - rank * rows_per_rank, counts
+
+
+# ----------------------------------------------------------------------------------------- router logits
+
+# How a family turns router logits into expert probabilities (docs/moe_export.md#routing-drift): softmax
+# (qwen3_moe, mixtral, gpt_oss) or independent sigmoids (deepseek_v3, nemotron_h: the routers that carry an
+# `e_score_correction_bias`, which shifts only the choice of experts, never their weights).
+ROUTER_KINDS = ("softmax", "sigmoid")
+
+
+def is_router(module: nn.Module) -> bool:
+    """A transformers 5 MoE router: it has `top_k`, `num_experts` and a 2-D `[num_experts, hidden]` weight, and
+    its forward returns `(router_logits (N, E), routing weights (N, k), chosen experts (N, k))` — the shared
+    contract of Qwen3Moe/Mixtral/GptOss `TopKRouter` and DeepseekV3/NemotronH `TopkRouter`."""
+    weight = getattr(module, "weight", None)
+    return (hasattr(module, "top_k") and hasattr(module, "num_experts") and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2 and weight.shape[0] == module.num_experts)
+
+
+def router_kind(module: nn.Module) -> str:
+    """`sigmoid` for routers with a score-correction bias (DeepSeek-V3 style), else `softmax`."""
+    return "sigmoid" if hasattr(module, "e_score_correction_bias") else "softmax"
+
+
+def router_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """{decoder block index: its router}, for the blocks that have one (empty for a dense model). ModelError
+    for a block with two routers (ckaqad would not know which one routes the block)."""
+    found: dict[int, nn.Module] = {}
+    for index, block in enumerate(decoder_layers(model)):
+        routers = [m for m in block.modules() if is_router(m)]
+        if len(routers) > 1:
+            raise ModelError(f"decoder block {index} has {len(routers)} routers; expected at most one")
+        if routers:
+            found[index] = routers[0]
+    return found
+
+
+@dataclass
+class RouterStates:
+    """One router forward at the kept token rows: logits `(m, E)` and the experts it chose `(m, k)` (after the
+    correction bias and grouped top-k where the family has them: exactly the model's choice)."""
+
+    logits: torch.Tensor
+    chosen: torch.Tensor
+    kind: str
+
+
+class RouterCapture:
+    """Forward hooks on every router of a model that keep its logits and chosen experts at `rows` (flat indices
+    into B*T, or None for all tokens), like `LayerCapture`; `states[block index]` after each forward. With
+    `detach` the logits are detached (teacher, evaluation); otherwise they carry the graph (the `router-kl`
+    term). A router called twice in one forward keeps its last call."""
+
+    def __init__(self, model: nn.Module, detach: bool = False) -> None:
+        self.rows: torch.Tensor | None = None
+        self.detach = detach
+        self.active = True
+        self.states: dict[int, RouterStates] = {}
+        self.routers = router_modules(model)
+        self._handles = [router.register_forward_hook(self._hook(i, router_kind(router)))
+                         for i, router in self.routers.items()]
+
+    def _hook(self, index: int, kind: str):
+        def hook(module, args, output):
+            if not self.active:
+                return
+            logits, chosen = output[0], output[2]  # (B*T, E), (B*T, k)
+            if self.rows is not None:
+                logits, chosen = logits.index_select(0, self.rows), chosen.index_select(0, self.rows)
+            self.states[index] = RouterStates(logits.detach() if self.detach else logits, chosen.detach(), kind)
+
+        return hook
+
+    def take(self) -> dict[int, RouterStates]:
+        states, self.states = self.states, {}
+        return states
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
+            self.states = {}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> RouterCapture:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

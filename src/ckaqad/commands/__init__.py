@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from ckaqad.commands import compare, damage, demo, diagnose, distill, export, recover, rl, study
+from ckaqad.commands import compare, damage, demo, diagnose, distill, export, recover, rl, study, upcycle
 from ckaqad.commands import eval as eval_
 from ckaqad.commands import plan as plan_
 from ckaqad.registry import Registry
@@ -23,3 +23,4 @@ COMMANDS.register("damage", damage)
 COMMANDS.register("recover", recover)
 COMMANDS.register("study", study)
 COMMANDS.register("plan", plan_)
+COMMANDS.register("upcycle", upcycle)

@@ -157,7 +157,7 @@ def write_outputs(out: Path, results: dict[str, Fidelity], teacher_stats: dict, 
           f"![per-layer CKA]({d.CKA_LAYERS})", "", "## Per-layer CKA (biased, all held-out tokens)", "",
           *tables.layer_table(results), "", "## CKA per block kind: mean (min)", "",
           *tables.block_kind_lines(kinds), "",
-          *interval_lines(results), *massive_lines(teacher_stats, meta),
+          *interval_lines(results), *tables.routing_lines(results), *massive_lines(teacher_stats, meta),
           f"Run time: {meta.get('runtime_s', 0):.1f} s on {meta.get('device')}.",
           ""]
     text = "\n".join(md)
@@ -246,6 +246,17 @@ def print_summary(results: dict[str, Fidelity], teacher_ppl: float) -> None:
         summary.add_row(r.label, f"{r.mean_cka:.4f}", f"{r.min_cka:.4f} ({r.min_cka_layer})",
                         f"{r.kl_per_token:.4f}", f"{r.perplexity:.3f}", f"{r.top1_agreement:.3f}")
     console.print(summary)
+    routed = [r for r in results.values() if r.routing]
+    if routed:
+        routing = Table(title="Routing drift: Jaccard / router KL")
+        routing.add_column("layer", justify="right")
+        for r in routed:
+            routing.add_column(r.label, justify="right")
+        rows = {r.label: {row["layer"]: row for row in r.routing} for r in routed}
+        for row in routed[0].routing:
+            routing.add_row(str(row["layer"]), *(f"{rows[r.label][row['layer']]['jaccard']:.4f} / "
+                                                 f"{rows[r.label][row['layer']]['router_kl']:.5f}" for r in routed))
+        console.print(routing)
 
 
 def run(config: Config, progress: bool = True) -> dict:

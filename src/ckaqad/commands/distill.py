@@ -165,7 +165,8 @@ def fidelity_callback(teacher: LoadedModel, student: torch.nn.Module, blocks: To
         return {"kl_per_token": r.kl_per_token, "perplexity": r.perplexity,
                 "teacher_perplexity": teacher_stats["perplexity"], "top1_agreement": r.top1_agreement,
                 "mean_cka": r.mean_cka, "min_cka": r.min_cka,
-                "cka_layers": {row["index"]: row["cka"] for row in r.layers}}
+                "cka_layers": {row["index"]: row["cka"] for row in r.layers},
+                **({"router_jaccard": r.router_jaccard, "router_kl": r.router_kl} if r.routing else {})}
 
     return evaluate
 

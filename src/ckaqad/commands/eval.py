@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ckaqad.errors import ConfigError
-from ckaqad.eval.fidelity import HEADLINE
+from ckaqad.eval.fidelity import HEADLINE, ROUTING_HEADLINE
 from ckaqad.eval.suites import NEEDS_TEACHER, SUITES
 from ckaqad.eval.tasks import task_metrics, task_table
 from ckaqad.export.reader import load_served
@@ -169,7 +169,7 @@ def write_eval(out: Path, payload: dict) -> None:
     write_text(d.eval_md, "\n".join(lines) + "\n")
     fid = payload.get("fidelity") or {}
     model = ModelResult(label=payload["label"], source=payload["model"],
-                        fidelity={k: fid[k] for k in HEADLINE if k in fid},
+                        fidelity={k: fid[k] for k in (*HEADLINE, *ROUTING_HEADLINE) if k in fid},
                         layers=list(fid.get("layers", [])),
                         humaneval={k: v for k, v in (he or {}).items() if k != "per_problem"},
                         lm_eval={**(payload.get("lm_eval") or {}), **task_metrics(payload.get("tasks") or {})})

@@ -88,6 +88,14 @@ def _runtime_kl_text(kl: dict | None) -> str:
             f"(max {kl['kl_max']:.3e}) on {kl['tokens']} tokens")
 
 
+def _experts_text(check: dict) -> str:
+    """The verify line's part on MoE experts ("" for a dense student)."""
+    if not check.get("expert_projections"):
+        return ""
+    return (f"; {check['expert_projections']} expert projections checked the same way, load_export bit-exact on "
+            f"{check['expert_load_bit_exact_modules']} experts modules")
+
+
 def run(config: Config) -> ExportSummary:
     """Rebuild the student on its teacher's architecture, write the export, print its summary and check it."""
     out_dir = Path(config.out).expanduser()
@@ -115,5 +123,5 @@ def run(config: Config) -> ExportSummary:
         print(f"verified {check['layers']} quantized layers: codes and FP8 block scales equal the student's; "
               f"{check['reader']} {check['reader_agreement']} (max relative difference {worst:.2e}); "
               f"ckaqad.export.reader.load_export bit-exact on {check['load_bit_exact_layers']}/{check['layers']}"
-              + _runtime_kl_text(check["runtime_kl"]))
+              + _experts_text(check) + _runtime_kl_text(check["runtime_kl"]))
     return summary

@@ -350,6 +350,9 @@ def cell_metrics(fidelity, tasks: dict) -> dict:
     `tasks_above_chance` (how many tasks are above chance by eval.tasks.above_chance)."""
     metrics = {k: getattr(fidelity, k) for k in ("mean_cka", "min_cka", "kl_per_token", "perplexity",
                                                   "top1_agreement")} if fidelity is not None else {}
+    if fidelity is not None:  # MoE students: routing drift (eval.routing), absent for dense ones
+        metrics.update({k: v for k, v in (("router_jaccard", fidelity.router_jaccard),
+                                          ("router_kl", fidelity.router_kl)) if v is not None})
     for task, row in tasks.items():
         for key in ("acc", "acc_norm", "perplexity"):
             if row.get(key) is not None:

@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ckaqad.capture import LayerCapture, LayerMap, valid_token_mask
+from ckaqad.capture import LayerCapture, LayerMap, RouterCapture, router_modules, valid_token_mask
 from ckaqad.cka import CKAAccumulator
 from ckaqad.errors import ConfigError
 from ckaqad.eval.cka_bootstrap import SequenceFeatures, bootstrap_interval
+from ckaqad.eval.routing import RoutingStats, routing_summary
 from ckaqad.models.arch import num_layers
 from ckaqad.objectives.ce import next_token_nll
 from ckaqad.objectives.kl import chunked_kl
@@ -27,6 +28,8 @@ from ckaqad.quant.apply import cached_quantized_weights
 # The headline numbers, in table order: what `Fidelity.headline()` returns and `ckaqad compare` shows.
 HEADLINE = ("kl_per_token", "perplexity", "top1_agreement", "mean_cka", "min_cka", "min_cka_layer",
             "mean_cka_debiased", "predicted_tokens", "cka_tokens")
+# Headline numbers of an MoE model only (routing drift, `eval.routing`), after HEADLINE; absent for dense models.
+ROUTING_HEADLINE = ("router_jaccard", "router_kl")
 # The subset `ckaqad compare` puts in its table (counts and layer indices are not comparable metrics).
 COMPARED = ("kl_per_token", "perplexity", "top1_agreement", "mean_cka", "min_cka")
 # The massive-activation check: the share of a layer's squared norm held by its top MASSIVE_TOP_FRACTION of
@@ -44,6 +47,8 @@ class Fidelity:
 
     `layers`: one row per compared student block, `{index (student block), teacher_index, cka, cka_debiased}`,
     in student order. `min_cka_layer` is a student block index (-1 when no layer was compared).
+    `routing`: one row per MoE layer (`eval.routing.RoutingStats.rows`: top-k Jaccard, router KL, both expert-load
+    histograms) and `router_jaccard` / `router_kl` their means (None for a dense model).
     """
 
     label: str
@@ -58,13 +63,18 @@ class Fidelity:
     predicted_tokens: int = 0
     cka_tokens: int = 0
     extra: dict = field(default_factory=dict)
+    routing: list[dict] = field(default_factory=list)
+    router_jaccard: float | None = None
+    router_kl: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def headline(self) -> dict[str, float | int]:
-        """The flat headline numbers (HEADLINE), without the per-layer rows."""
-        return {key: getattr(self, key) for key in HEADLINE}
+        """The flat headline numbers (HEADLINE, then ROUTING_HEADLINE for an MoE model), without the per-layer
+        rows."""
+        routing = [key for key in ROUTING_HEADLINE if getattr(self, key) is not None]
+        return {key: getattr(self, key) for key in (*HEADLINE, *routing)}
 
 
 class _StudentStats:
@@ -79,6 +89,7 @@ class _StudentStats:
         self.nll_sum = 0.0
         self.nll_tokens = 0
         self.agree = 0
+        self.routing = RoutingStats()
 
     def result(self, label: str, teacher_features: dict[int, SequenceFeatures] | None = None,
                resamples: int = 0) -> Fidelity:
@@ -94,7 +105,10 @@ class _StudentStats:
                             "sequences": interval["sequences"]})
         values = [row["cka"] for row in layers]
         worst = min(range(len(values)), key=values.__getitem__) if values else -1
+        routing = self.routing.rows()
+        summary = routing_summary(routing)
         return Fidelity(
+            routing=routing, router_jaccard=summary["router_jaccard"], router_kl=summary["router_kl"],
             label=label, layers=layers,
             mean_cka=sum(values) / len(values) if values else float("nan"),
             min_cka=values[worst] if values else float("nan"),
@@ -211,6 +225,12 @@ def measure_fidelity(teacher: nn.Module, students: dict[str, nn.Module], batches
     captures = {label: LayerCapture(model, maps[label].student_layers, detach=True)
                 for label, model in students.items()}
     teacher_capture = LayerCapture(teacher, teacher_layers, detach=True)
+    # Routing drift (MoE teachers): router logits and choices at every token, compared at the real ones.
+    # A student whose routers sit in other blocks than the teacher's (another depth) gets no routing rows.
+    routed = router_modules(teacher)
+    router_captures = {label: RouterCapture(model, detach=True) for label, model in students.items()
+                       if routed and set(router_modules(model)) == set(routed)}
+    teacher_routers = RouterCapture(teacher, detach=True) if routed else None
     try:
         with cached_quantized_weights(*students.values()):
             for batch in tqdm(batches, total=total, desc="diagnose", disable=not progress, unit="batch"):
@@ -222,6 +242,7 @@ def measure_fidelity(teacher: nn.Module, students: dict[str, nn.Module], batches
                     capture.rows = rows
                 t_logits = teacher(**batch).logits
                 teacher_states = teacher_capture.take()
+                teacher_routing = teacher_routers.take() if routed else {}
                 nll, count = next_token_nll(t_logits, batch["input_ids"], batch.get("attention_mask"))
                 teacher_nll += float(nll)
                 teacher_tokens += count
@@ -239,6 +260,9 @@ def measure_fidelity(teacher: nn.Module, students: dict[str, nn.Module], batches
                     st = stats[label]
                     s_logits = model(**batch).logits
                     student_states = captures[label].take()
+                    if label in router_captures:
+                        real_rows = real.flatten().nonzero()[:, 0]
+                        st.routing.update(router_captures[label].take(), teacher_routing, real_rows)
                     st.kl_sum += float(chunked_kl(s_logits, t_logits, real)) * n_real
                     st.kl_tokens += n_real
                     nll, count = next_token_nll(s_logits, batch["input_ids"], batch.get("attention_mask"))
@@ -251,7 +275,7 @@ def measure_fidelity(teacher: nn.Module, students: dict[str, nn.Module], batches
                             st.features[s].add(student_states[s][keep[t]], sequence[keep[t]])
     finally:
         teacher_capture.remove()
-        for capture in captures.values():
+        for capture in (*captures.values(), *router_captures.values(), *([teacher_routers] if routed else [])):
             capture.remove()
     results = {label: st.result(label, teacher_features, bootstrap) for label, st in stats.items()}
     massive = shares.rows()

@@ -72,7 +72,8 @@ def _fidelity(model: nn.Module, tokenizer, teacher: LoadedModel | None, options:
         results, t = measure_fidelity(teacher.model, {"model": model}, batches, exclude_token_ids=exclude,
                                       total=math.ceil(n / options.batch_size))
     r = results["model"]
-    return {**r.headline(), "teacher_perplexity": t["perplexity"], "layers": r.layers, "tokens": r.predicted_tokens,
+    return {**r.headline(), "teacher_perplexity": t["perplexity"], "layers": r.layers, "routing": r.routing,
+            "tokens": r.predicted_tokens,
             "token_rule": token_rule(1), "data": blocks.describe()}
 
 

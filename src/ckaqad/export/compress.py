@@ -12,6 +12,15 @@ Linear layers, biases) is copied in bfloat16 under its usual name, integer buffe
 output embedding is left out.
 `decompress` is the way back: dequantized weights `code · s8 · g` and the recovered amaxes.
 
+Mixture-of-Experts (docs/moe_export.md#export). A quantized fused-experts module `m` (`quant.experts`) holds
+`m.gate_up_proj` `[E, 2I, H]` (or `up_proj`; gpt_oss transposed and interleaved) and its amax buffers; the export
+writes each expert's projection as its own quantized Linear under the name the model's own `save_pretrained`
+writes (`…experts.{e}.gate_proj|up_proj|down_proj`, mixtral `…block_sparse_moe.experts.{e}.w1|w3|w2`,
+nemotron_h `backbone.…mixer.experts.{e}.up_proj|down_proj`; gpt_oss, which `save_pretrained` keeps fused,
+`…experts.{e}.gate_proj|up_proj|down_proj` as llm-compressor writes it), which is what vLLM's MoE loaders
+stack into w13 / w2. Every other tensor is written under its `save_pretrained` name too (`CheckpointNames`):
+`decompress` returns those names, and `to_state_dict` maps them back and re-fuses the experts.
+
 Exactness of the way back. The student's numbers depend on its amax only through `g = fl32(amax / 2688)`.
 The modelopt layout stores `g` itself (`layouts.amax_from_global` finds an amax giving exactly that `g`).
 The compressed-tensors layout stores `G = fl32(2688 / amax)`, and no function of `G` recovers `g`: where
@@ -35,6 +44,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -43,14 +53,54 @@ from torch import nn
 from ckaqad.errors import ExportError
 from ckaqad.export.layouts import PRODUCER, Layout, get_layout
 from ckaqad.formats import nvfp4
-from ckaqad.models.arch import tied_output_name
-from ckaqad.quant.apply import quant_linears
+from ckaqad.models.arch import (
+    ExpertsLayout,
+    checkpoint_expert_names,
+    expert_modules,
+    experts_layout,
+    tied_output_name,
+)
+from ckaqad.quant.apply import quant_experts, quant_linears
+from ckaqad.quant.experts import QuantExperts
 from ckaqad.quant.linear import QuantLinear
 
 # Unquantized tensors are written in the teacher's deployment precision.
 DENSE_DTYPE = torch.bfloat16
 # A QuantLinear's own state-dict entries (replaced by the layout's tensors).
 MODULE_TENSORS = ("weight", "bias", "input_amax", "weight_amax")
+
+
+@dataclass(frozen=True)
+class CheckpointNames:
+    """Where a model's tensors go in its checkpoint (what its own `save_pretrained` writes).
+
+    `renames`: state-dict key -> checkpoint key, for the keys that differ (nemotron_h `model.` -> `backbone.`,
+    mixtral's router `mlp.gate` -> `block_sparse_moe.gate`); `experts`: per fused-experts module, its layout and
+    the checkpoint module name of each `(expert, canonical projection)`.
+    """
+
+    renames: dict[str, str] = field(default_factory=dict)
+    experts: dict[str, tuple[ExpertsLayout, dict[tuple[int, str], str]]] = field(default_factory=dict)
+
+    def key(self, key: str) -> str:
+        return self.renames.get(key, key)
+
+    def module(self, name: str) -> str:
+        """The checkpoint name of module `name` (from its `.weight` key)."""
+        return module_name(self.key(f"{name}.weight"))
+
+    def state_dict_keys(self) -> dict[str, str]:
+        """checkpoint key -> state-dict key (the inverse of `renames`)."""
+        return {v: k for k, v in self.renames.items()}
+
+
+@dataclass(frozen=True)
+class ExpertScales:
+    """The global amaxes of one quantized fused-experts module: `weight_amax` `{proj: [E]}` (gate and up of an
+    expert share theirs), `input_amax` `{proj: scalar}` (W4A4; shared by the layer's experts; empty for W4A16)."""
+
+    weight_amax: dict[str, torch.Tensor]
+    input_amax: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -66,10 +116,18 @@ class Scales:
     input_amax: dict[str, torch.Tensor] = field(default_factory=dict)
     w4a4: bool = True
     tied_output: str | None = None
+    experts: dict[str, ExpertScales] = field(default_factory=dict)
+    """per quantized fused-experts module (state-dict name), its global amaxes"""
+    names: CheckpointNames = field(default_factory=CheckpointNames)
+    """the checkpoint names the export writes (`checkpoint_names(model)`; identity by default)"""
 
     @property
     def modules(self) -> list[str]:
         return list(self.weight_amax)
+
+    def expert_projections(self) -> list[str]:
+        """The checkpoint module names of every quantized expert projection."""
+        return [prefix for m in self.experts for prefix in self.names.experts[m][1].values()]
 
     @property
     def scheme(self) -> str:
@@ -102,14 +160,16 @@ def scales_from_state_dict(state_dict: dict[str, torch.Tensor], modules: list[st
 
 
 def check_nvfp4_student(student: nn.Module) -> dict[str, QuantLinear]:
-    """The student's QuantLinear layers; ExportError unless they are all NVFP4 with one scheme."""
-    layers = quant_linears(student)
-    if not layers:
+    """The student's QuantLinear layers; ExportError unless they and its quantized experts are all NVFP4 with
+    one scheme."""
+    layers, experts = quant_linears(student), quant_experts(student)
+    if not layers and not experts:
         raise ExportError("the model has no quantized Linear layers: export a student made by build_ptq_student")
-    other = sorted({m.format_name for m in layers.values()} - {"nvfp4"})
+    formats = {m.format_name for m in layers.values()} | {m.quant_config.format for m in experts.values()}
+    other = sorted(formats - {"nvfp4"})
     if other:
         raise ExportError(f"only NVFP4 students can be exported to NVFP4 layouts; this student is {other[0]}")
-    if len({m.quantize_input for m in layers.values()}) > 1:
+    if len({m.quantize_input for m in (*layers.values(), *experts.values())}) > 1:
         raise ExportError("the student mixes W4A4 and W4A16 layers; an export holds one scheme")
     return layers
 
@@ -132,12 +192,62 @@ def module_name(key: str) -> str:
     return key.rpartition(".")[0]
 
 
+def checkpoint_names(model: nn.Module) -> CheckpointNames:
+    """The names the model's own `save_pretrained` gives its tensors and its experts' projections: transformers'
+    `revert_weight_conversion` run on a stand-in state dict whose every tensor is a distinct tag (so no family's
+    renaming is re-typed here), and `models.arch.checkpoint_expert_names` for the experts (gpt_oss, which
+    `save_pretrained` keeps fused: `<experts>.{e}.<proj>`, llm-compressor's spelling)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    experts = expert_modules(model)
+    inside = tuple(f"{name}." for name in experts)
+    keys = [k for k in model.state_dict() if not k.startswith(inside)] if inside else list(model.state_dict())
+    try:
+        saved = revert_weight_conversion(model, {k: torch.tensor([float(i)]) for i, k in enumerate(keys)})
+    except Exception as exc:  # a model without conversion rules may not support the call
+        raise ExportError(f"cannot find the checkpoint names of {type(model).__name__}: {exc}") from exc
+    if len(saved) != len(keys) or any(t.numel() != 1 for t in saved.values()):
+        raise ExportError(f"{type(model).__name__}'s save_pretrained merges or splits tensors outside its experts; "
+                          "ckaqad cannot export it")
+    renames = {keys[int(t.item())]: key for key, t in saved.items() if keys[int(t.item())] != key}
+    names = {}
+    for name, module in experts.items():
+        layout = module.layout if isinstance(module, QuantExperts) else experts_layout(module)
+        found = checkpoint_expert_names(model, name)
+        if found is None:
+            count = module._parameters[layout.input_param].shape[0]
+            names[name] = (layout, {(e, p): f"{name}.{e}.{p}" for e in range(count) for p in layout.projections})
+        else:
+            names[name] = (layout, {ep: module_name(key) for ep, key in found.items()})
+    return CheckpointNames(renames=renames, experts=names)
+
+
 def scales_of(model: nn.Module) -> Scales:
-    """The `Scales` of an NVFP4 student, from its QuantLinear names and buffers. Call
-    `quant.apply.freeze_scales(model)` first: it writes the weight global amaxes the forward uses."""
+    """The `Scales` of an NVFP4 student, from its quantized modules' names and buffers, with the checkpoint names
+    (`checkpoint_names`). Call `quant.apply.freeze_scales(model)` first: it writes the weight global amaxes the
+    forward uses."""
     layers = check_nvfp4_student(model)
-    w4a4 = next(iter(layers.values())).quantize_input
-    return scales_from_state_dict(model.state_dict(), list(layers), w4a4, checked_tied_output(model))
+    experts = quant_experts(model)
+    w4a4 = next(iter((*layers.values(), *experts.values()))).quantize_input
+    scales = scales_from_state_dict(model.state_dict(), list(layers), w4a4, checked_tied_output(model))
+    expert_scales = {}
+    for name, m in experts.items():
+        weight = {p: _checked_amaxes(f"{name}.{p}", a) for p, a in m.weight_global_amaxes().items()}
+        inputs = {p: _checked_amax(f"{name}.{p}", "input", a, "W4A4 student not calibrated: run calibrate()")
+                  for p, a in m.input_amaxes().items()}
+        expert_scales[name] = ExpertScales(weight, inputs)
+    return dataclasses.replace(scales, experts=expert_scales, names=checkpoint_names(model))
+
+
+def _checked_amaxes(name: str, amax: torch.Tensor) -> torch.Tensor:
+    """Per-expert weight global amaxes [E], checked finite and positive (an unreached expert has one too)."""
+    amax = amax.detach().float().cpu().clone()
+    bad = (~torch.isfinite(amax) | (amax <= 0)).nonzero()
+    if bad.numel():
+        e = int(bad[0, 0])
+        raise ExportError(f"{name}: expert {e}'s weight global amax is {amax[e].item()}; an NVFP4 checkpoint needs "
+                          "a finite positive global scale (run quant.apply.freeze_scales())")
+    return amax
 
 
 # ------------------------------------------------------------------------------------------- compress
@@ -169,30 +279,70 @@ def compress(state_dict: dict[str, torch.Tensor], scales: Scales, layout: str | 
     global amaxes (`scales_of(model)`, or `scales_from_state_dict` for a state dict without a model).
     """
     layout = get_layout(layout)
+    names = scales.names
     owned = {f"{name}.{local}": name for name in scales.modules for local in MODULE_TENSORS}
     missing = [f"{name}.weight" for name in scales.modules if f"{name}.weight" not in state_dict]
     if missing:
         raise ExportError(f"the state dict has no weight for the quantized modules {missing[:3]}")
+    # A quantized experts module's state-dict entries: its fused parameters, their biases and its scale buffers.
+    expert_of = {}
+    for name in scales.experts:
+        expert_layout = names.experts[name][0]
+        for param in expert_layout.fused:
+            expert_of.update(dict.fromkeys((f"{name}.{param}", f"{name}.{param}_weight_amax",
+                                            f"{name}.{param}_input_amax"), name))
+        expert_of.update(dict.fromkeys([f"{name}.{b}" for b in expert_layout.biases.values()] +
+                                       [f"{name}.calib_tokens"], name))
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         name = owned.get(key)
-        if name is None:
+        if key in expert_of:
+            out.update(_compress_experts_entry(key, tensor, expert_of[key], scales, layout))
+        elif name is None:
             if key != scales.tied_output:
-                out[key] = _dense(tensor)
+                out[names.key(key)] = _dense(tensor)
         elif key == f"{name}.weight":
             locals_ = compress_linear(tensor, scales.weight_amax[name], scales.input_amax.get(name), layout)
-            out.update({f"{name}.{local}": t for local, t in locals_.items()})
+            out.update({f"{names.module(name)}.{local}": t for local, t in locals_.items()})
         elif key == f"{name}.bias":
-            out[key] = _dense(tensor)
+            out[names.key(key)] = _dense(tensor)
+    return out
+
+
+def _compress_experts_entry(key: str, tensor: torch.Tensor, module: str, scales: Scales,
+                            layout: Layout) -> dict[str, torch.Tensor]:
+    """The export tensors of one state-dict entry of a quantized experts module: a fused parameter becomes each
+    expert's projections (`compress_linear` per expert, with its own weight global amax and the layer's input
+    amax), a fused bias each expert's `bias`; the scale buffers write nothing (their values are in the scales)."""
+    expert_layout, prefixes = scales.names.experts[module]
+    local = key[len(module) + 1:]
+    amaxes = scales.experts[module]
+    out: dict[str, torch.Tensor] = {}
+    if local in expert_layout.fused:
+        for proj, weights in expert_layout.split(local, tensor.detach()).items():  # [E, out, in]
+            for e in range(weights.shape[0]):
+                parts = compress_linear(weights[e], amaxes.weight_amax[proj][e], amaxes.input_amax.get(proj), layout)
+                out.update({f"{prefixes[(e, proj)]}.{name}": t for name, t in parts.items()})
+    param = next((p for p, b in expert_layout.biases.items() if b == local), None)
+    if param is not None:
+        for proj, biases in expert_layout.split(param, tensor.detach()).items():  # [E, out]
+            out.update({f"{prefixes[(e, proj)]}.bias": _dense(biases[e]) for e in range(biases.shape[0])})
     return out
 
 
 def scales_record(scales: Scales, layout: str | Layout) -> dict:
     """`ckaqad_scales.json`: the exact float32 amaxes as hex, so `decompress` reproduces the student bit for
     bit (module docstring)."""
+    names = scales.names
+    weight = {names.module(name): float(a).hex() for name, a in scales.weight_amax.items()}
+    inputs = {names.module(name): float(a).hex() for name, a in scales.input_amax.items()}
+    for module, amaxes in scales.experts.items():
+        for (e, proj), prefix in names.experts[module][1].items():
+            weight[prefix] = float(amaxes.weight_amax[proj][e]).hex()
+            if proj in amaxes.input_amax:
+                inputs[prefix] = float(amaxes.input_amax[proj]).hex()
     return {"producer": dict(PRODUCER), "layout": get_layout(layout).name, "scheme": scales.scheme,
-            "weight_global_amax": {name: float(a).hex() for name, a in scales.weight_amax.items()},
-            "input_amax": {name: float(a).hex() for name, a in scales.input_amax.items()}}
+            "weight_global_amax": weight, "input_amax": inputs}
 
 
 # ----------------------------------------------------------------------------------------- decompress
@@ -257,3 +407,62 @@ def requantizes_exactly(weight: torch.Tensor, weight_amax: torch.Tensor, packed:
     return torch.equal(nvfp4.pack(again.codes), packed) and torch.equal(
         again.block_scales.view(torch.uint8), block_scales.view(torch.uint8))
 
+
+
+def to_state_dict(state: dict[str, torch.Tensor], names: CheckpointNames, quantized_experts: list[str],
+                  where: str = "export") -> dict[str, torch.Tensor]:
+    """A student's state dict from `decompress`'s output (checkpoint names): keys renamed back and each quantized
+    experts module's per-expert projections fused again (`ExpertsLayout.merge`) with its amax buffers
+    (`<param>_weight_amax` [E], `<param>_input_amax`, `calib_tokens` zeros: calibration counts are not
+    exported). ExportError where gate and up of an expert, or the experts of a projection's input, carry
+    different global amaxes (the student's forward cannot hold them)."""
+    back = names.state_dict_keys()
+    consumed: set[str] = set()
+    out: dict[str, torch.Tensor] = {}
+    for module in quantized_experts:
+        layout, prefixes = names.experts[module]
+        count = 1 + max(e for e, _ in prefixes)
+        for param, projs in layout.fused.items():
+            parts, amaxes, inputs = {}, [], []
+            for proj in projs:
+                keys = [prefixes[(e, proj)] for e in range(count)]
+                missing = [k for k in keys if f"{k}.weight" not in state]
+                if missing:
+                    raise ExportError(f"{where}: missing tensors for the experts {missing[:3]}")
+                parts[proj] = torch.stack([state[f"{k}.weight"] for k in keys])
+                amaxes.append(torch.stack([state[f"{k}.weight_amax"].reshape(()) for k in keys]))
+                inputs.append(torch.stack([state[f"{k}.input_amax"].reshape(()) for k in keys]))
+                consumed.update(f"{k}.{t}" for k in keys for t in ("weight", "weight_amax", "input_amax"))
+            if any(not torch.equal(a, amaxes[0]) for a in amaxes[1:]):
+                raise ExportError(f"{where}: {module}: {'/'.join(projs)} of an expert have different weight global "
+                                  "scales (vLLM fuses them into one GEMM with one scale)")
+            stacked = torch.stack(inputs)
+            if not bool((stacked == stacked.flatten()[0]).all()):
+                raise ExportError(f"{where}: {module}: the experts' input global scales of {'/'.join(projs)} differ; "
+                                  "ckaqad's experts share one per projection")
+            out[f"{module}.{param}"] = layout.merge(param, parts)
+            out[f"{module}.{param}_weight_amax"] = amaxes[0]
+            out[f"{module}.{param}_input_amax"] = stacked.flatten()[0].clone()
+            if param in layout.biases:
+                bias_keys = [f"{prefixes[(e, proj)]}.bias" for proj in projs for e in range(count)]
+                if all(k in state for k in bias_keys):
+                    out[f"{module}.{layout.biases[param]}"] = layout.merge(param, {
+                        proj: torch.stack([state[f"{prefixes[(e, proj)]}.bias"] for e in range(count)])
+                        for proj in projs})
+                    consumed.update(bias_keys)
+        out[f"{module}.calib_tokens"] = torch.zeros(count, dtype=torch.int64)
+    for key, tensor in state.items():
+        if key in consumed:
+            continue
+        out[_state_key(key, back)] = tensor
+    return out
+
+
+def _state_key(key: str, back: dict[str, str]) -> str:
+    """The state-dict key of checkpoint key `key`: renamed back directly, or through its module's `.weight`
+    (a quantized Linear's `weight_amax` / `input_amax`, which the checkpoint does not hold)."""
+    if key in back:
+        return back[key]
+    module, _, local = key.rpartition(".")
+    renamed = back.get(f"{module}.weight")
+    return f"{module_name(renamed)}.{local}" if renamed is not None else key

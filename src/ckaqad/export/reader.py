@@ -13,11 +13,17 @@ import torch
 from torch import nn
 
 from ckaqad.errors import ExportError
-from ckaqad.export.compress import decompress, quantized_modules, requantizes_exactly
+from ckaqad.export.compress import (
+    checkpoint_names,
+    decompress,
+    quantized_modules,
+    requantizes_exactly,
+    to_state_dict,
+)
 from ckaqad.export.layouts import Layout, detect, read_json
 from ckaqad.models.arch import tied_output_name
 from ckaqad.paths import ExportDir
-from ckaqad.quant.apply import quant_linears, quantize_model_
+from ckaqad.quant.apply import quant_experts, quant_linears, quantize_model_
 from ckaqad.quant.linear import QuantConfig
 
 logger = logging.getLogger(__name__)
@@ -161,24 +167,32 @@ def load_export(export_dir: str | os.PathLike, device: str | torch.device = "cpu
     tensors = read_tensors(info.weight_files)
     quantized = quantized_modules(tensors, info.layout)
     model = _build_model(root, info.config)
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    unknown = sorted(set(quantized) - set(linears))
+    # The export holds checkpoint names (what the model's save_pretrained writes; per-expert projections).
+    names = checkpoint_names(model)
+    linears = {names.module(name): name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    expert_of = {prefix: module for module, (_, prefixes) in names.experts.items() for prefix in prefixes.values()}
+    unknown = sorted(set(quantized) - set(linears) - set(expert_of))
     if unknown:
         raise ExportError(f"{root}: quantized tensors for modules the model does not have: {unknown[:3]}")
+    quantized_linears = sorted(linears[q] for q in quantized if q in linears)
+    quantized_experts = sorted({expert_of[q] for q in quantized if q in expert_of})
+    partial = [m for m in quantized_experts if not set(names.experts[m][1].values()) <= set(quantized)]
+    if partial:
+        raise ExportError(f"{root}: the experts of {partial[0]} are quantized only in part")
     config = QuantConfig(format="nvfp4", scheme="w4a4" if info.w4a4 else "w4a16", weight_global="frozen",
-                         arithmetic=arithmetic, exclude=tuple(sorted(set(linears) - set(quantized))))
-    quantize_model_(model, config)
-    if sorted(quant_linears(model)) != quantized:
+                         arithmetic=arithmetic)
+    quantize_model_(model, config, only=quantized_linears + quantized_experts)
+    if sorted(quant_linears(model)) != quantized_linears or sorted(quant_experts(model)) != quantized_experts:
         raise ExportError(f"{root}: the quantized layers in the checkpoint do not match the model")
     state = decompress(tensors, info.layout, info.w4a4, read_scales_record(root), where=str(root))
-    _fill(model, state, root)
-    names = info.layout.names
+    local = info.layout.names
     changed = [name for name in quantized
                if not requantizes_exactly(state[f"{name}.weight"], state[f"{name}.weight_amax"],
-                                          tensors[f"{name}.{names.packed}"], tensors[f"{name}.{names.block_scales}"])]
+                                          tensors[f"{name}.{local.packed}"], tensors[f"{name}.{local.block_scales}"])]
     if changed:
         logger.warning("%d layers re-quantize to different codes than stored (blocks with subnormal FP8 scales), "
                        "first %s; their forward differs from the export", len(changed), changed[0])
+    _fill(model, to_state_dict(state, names, quantized_experts, where=str(root)), root)
     tokenizer = load_tokenizer(root)
     model.to(torch.device(device)).eval().requires_grad_(False)
     return model, tokenizer
@@ -200,5 +214,49 @@ def load_served(export_dir: str | os.PathLike, device: str | torch.device = "cpu
         model = AutoModelForCausalLM.from_pretrained(str(info.root), dtype=torch.bfloat16, local_files_only=True)
     except Exception as exc:  # transformers and compressed-tensors raise many types for unreadable checkpoints
         raise ExportError(f"transformers cannot load {info.root}: {exc}") from exc
+    repaired = repair_served_experts(model, read_tensors(info.weight_files), info)
+    if repaired:
+        logger.warning("transformers dequantized %d NVFP4 expert tensors without their weight_global_scale "
+                       "(huggingface/transformers#48371); ckaqad decompressed them again with it "
+                       "(docs/moe_export.md#reloading-in-transformers)", repaired)
     model.to(torch.device(device)).eval().requires_grad_(False)
     return model, load_tokenizer(info.root)
+
+
+@torch.no_grad()
+def repair_served_experts(model: nn.Module, tensors: dict[str, torch.Tensor], info: ExportInfo) -> int:
+    """Put the right weights into the fused experts of a model that transformers loaded from a compressed-tensors
+    NVFP4 export; returns how many fused tensors were wrong (0 once transformers is fixed).
+
+    transformers 5.25's `CompressedTensorsDequantize` rebuilds each expert projection as a stand-in module with
+    `weight_packed`, `weight_scale` and `weight_shape` only, so compressed-tensors dequantizes it as
+    `code · s8` without dividing by `weight_global_scale` (huggingface/transformers#48371, PR #48372): every expert
+    comes back scaled by `2688/amax`, silently. Here each expert projection is decompressed by compressed-tensors'
+    own `NVFP4PackedCompressor` with all its stored tensors (`Layout.serving_weight`), cast to the model's dtype
+    as transformers casts it, and fused with `ExpertsLayout.merge`. Experts run weight-only (W4A16) in
+    transformers either way: it has no activation quantizer for them (their `input_global_scale` load as
+    unexpected keys).
+    """
+    # transformers' quantized model carries loading converters that cannot be reverted: read the names from the
+    # same architecture built plain, on the meta device.
+    with torch.device("meta"):
+        plain = _build_model(info.root, info.config)
+    names = checkpoint_names(plain)
+    qconfig = info.config.get("quantization_config") or {}
+    local = info.layout.names
+    wrong = 0
+    for module_name_, (layout, prefixes) in names.experts.items():
+        if not all(f"{p}.{local.packed}" in tensors for p in prefixes.values()):
+            continue  # experts kept in high precision: transformers loaded them as they are
+        module = model.get_submodule(module_name_)
+        count = 1 + max(e for e, _ in prefixes)
+        for param, projs in layout.fused.items():
+            target = module._parameters[param]
+            parts = {proj: torch.stack([
+                info.layout.serving_weight({k: tensors[f"{prefixes[(e, proj)]}.{k}"] for k in local.of(False)},
+                                           qconfig).to(target.dtype) for e in range(count)]) for proj in projs}
+            fused = layout.merge(param, parts).to(target.device)
+            if not torch.equal(fused, target):
+                wrong += 1
+                target.copy_(fused)
+    return wrong

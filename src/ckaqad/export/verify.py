@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from ckaqad.errors import ExportError
-from ckaqad.export.compress import check_nvfp4_student
+from ckaqad.export.compress import CheckpointNames, check_nvfp4_student, checkpoint_names
 from ckaqad.export.reader import inspect_export, load_export, load_served, read_tensors
 from ckaqad.formats import nvfp4
 from ckaqad.formats.e2m1 import e2m1_grid
-from ckaqad.quant.apply import cached_quantized_weights, quant_linears
+from ckaqad.quant.apply import cached_quantized_weights, quant_experts, quant_linears
 
 # A fixed English + Python text (~200 tokens for a BPE tokenizer; written for this, not from the project's
 # corpus) that `runtime_agreement` runs through the student and the served model.
@@ -101,11 +101,13 @@ def verify_export(export_dir: str | os.PathLike, student: nn.Module) -> dict:
     worst_rel, failures, reader_dtype = 0.0, [], ""
     reloaded, _ = load_export(info.root)
     reloaded_layers = quant_linears(reloaded)
+    saved = checkpoint_names(student)  # the export holds the model's save_pretrained names
     with cached_quantized_weights(student, reloaded):
         for name, m in layers.items():
-            local = {k: tensors[f"{name}.{k}"] for k in names.of(info.w4a4) if f"{name}.{k}" in tensors}
-            if any(f"{name}.{k}" not in tensors for k in names.of(False)):
-                failures.append(f"{name}: missing tensors")
+            prefix = saved.module(name)
+            local = {k: tensors[f"{prefix}.{k}"] for k in names.of(info.w4a4) if f"{prefix}.{k}" in tensors}
+            if any(f"{prefix}.{k}" not in tensors for k in names.of(False)):
+                failures.append(f"{prefix}: missing tensors")
                 continue
             want = nvfp4.quantize(m.weight.detach().float().cpu(), m.weight_global_amax().cpu())
             values = unpack_fp4_from_uint8(local[names.packed], m.out_features, m.in_features, dtype=torch.float32)
@@ -125,6 +127,8 @@ def verify_export(export_dir: str | os.PathLike, student: nn.Module) -> dict:
         exact = sum(name in reloaded_layers and torch.equal(reloaded_layers[name].quantized_weight().cpu(),
                                                             m.quantized_weight().detach().float().cpu())
                     for name, m in layers.items())
+        expert_checks = _verify_experts(student, reloaded, tensors, info, saved, failures)
+        worst_rel = max(worst_rel, expert_checks["max_relative_weight_difference"])
     if exact != len(layers):
         failures.append(f"load: {len(layers) - exact} layers' quantized weights differ from the student's")
     if failures:
@@ -133,4 +137,58 @@ def verify_export(export_dir: str | os.PathLike, student: nn.Module) -> dict:
     return {"runtime_kl": runtime_kl, "layers": len(layers), "codes_and_block_scales_equal": len(layers),
             "reader": layout.serving_reader,
             "reader_agreement": "exact" if layout.serving_exact else f"within one {reader_dtype} ulp",
-            "max_relative_weight_difference": worst_rel, "load_bit_exact_layers": exact}
+            "max_relative_weight_difference": worst_rel, "load_bit_exact_layers": exact,
+            "expert_projections": expert_checks["projections"],
+            "expert_load_bit_exact_modules": expert_checks["load_bit_exact_modules"]}
+
+
+def _verify_experts(student: nn.Module, reloaded: nn.Module, tensors: dict[str, torch.Tensor], info,
+                    names: CheckpointNames, failures: list[str]) -> dict:
+    """`verify_export`'s checks for every expert of every quantized experts module: codes (compressed-tensors'
+    unpacker) and FP8 block scales equal the student's, the layout's serving reader (compressed-tensors'
+    `NVFP4PackedCompressor`, or ModelOpt's `code · s8 · g`) dequantizes the student's fake-quantized expert,
+    and `load_export` gives back every fused expert tensor bit for bit. Appends to `failures`."""
+    from compressed_tensors.compressors.nvfp4 import unpack_fp4_from_uint8
+
+    experts = quant_experts(student)
+    if not experts:
+        return {"projections": 0, "load_bit_exact_modules": 0, "max_relative_weight_difference": 0.0}
+    layout, local = info.layout, info.layout.names
+    qconfig = info.config.get("quantization_config") or {}
+    grid = e2m1_grid()
+    reloaded_experts = quant_experts(reloaded)
+    checked, exact_modules, worst_rel = 0, 0, 0.0
+    for name, m in experts.items():
+        prefixes = names.experts[name][1]
+        amaxes = {p: a.detach().float().cpu() for p, a in m.weight_global_amaxes().items()}
+        quantized = {proj: w for param in m.layout.fused
+                     for proj, w in m.layout.split(param, m.quantized_weight(param).detach().float().cpu()).items()}
+        for proj, weights in m.canonical_weights().items():
+            for e in range(weights.shape[0]):
+                prefix = prefixes[(e, proj)]
+                stored = {k: tensors.get(f"{prefix}.{k}") for k in local.of(info.w4a4)}
+                if any(t is None for t in stored.values()):
+                    failures.append(f"{prefix}: missing tensors")
+                    continue
+                want = nvfp4.quantize(weights[e].float().cpu(), amaxes[proj][e])
+                out_features, in_features = weights[e].shape
+                values = unpack_fp4_from_uint8(stored[local.packed], out_features, in_features, dtype=torch.float32)
+                if not torch.equal(values, grid[want.codes.long()]):
+                    failures.append(f"{prefix}: codes differ")
+                if not torch.equal(stored[local.block_scales].view(torch.uint8), want.block_scales.view(torch.uint8)):
+                    failures.append(f"{prefix}: block scales differ")
+                dense = layout.serving_weight(stored, qconfig)
+                if not _agrees(dense, quantized[proj][e], layout.serving_exact):
+                    failures.append(f"{prefix}: {layout.serving_reader} dequantizes a different weight")
+                nonzero = quantized[proj][e] != 0
+                rel = (dense.float() - quantized[proj][e]).abs()[nonzero] / quantized[proj][e].abs()[nonzero]
+                worst_rel = max(worst_rel, float(rel.max()) if rel.numel() else 0.0)
+                checked += 1
+        back = reloaded_experts.get(name)
+        if back is not None and all(torch.equal(back.quantized_weight(p).cpu(), m.quantized_weight(p).detach().cpu())
+                                    for p in m.layout.fused):
+            exact_modules += 1
+        else:
+            failures.append(f"load: {name}'s quantized experts differ from the student's")
+    return {"projections": checked, "load_bit_exact_modules": exact_modules,
+            "max_relative_weight_difference": worst_rel}

@@ -14,13 +14,15 @@ import safetensors.torch as safetensors_torch
 import torch
 from torch import nn
 
+from ckaqad.capture import is_router
 from ckaqad.errors import ConfigError, ExportError
-from ckaqad.export.compress import Scales, compress, scales_of, scales_record
+from ckaqad.export.compress import CheckpointNames, Scales, compress, scales_of, scales_record
 from ckaqad.export.layouts import Layout, get_layout
 from ckaqad.export.reader import is_export_dir, load_tokenizer
 from ckaqad.files import atomic_directory, write_json
 from ckaqad.paths import ExportDir
 from ckaqad.quant.apply import freeze_scales
+from ckaqad.quant.experts import QuantExperts
 
 # 2 GiB: the shard size Hugging Face's save_pretrained uses in recent releases.
 DEFAULT_SHARD_SIZE_BYTES = 2 * 1024 ** 3
@@ -55,7 +57,8 @@ class ExportSummary:
         rows = [
             ("layout", f"{self.layout} ({self.scheme})"),
             ("out dir", self.out_dir),
-            ("quantized Linear layers", f"{self.quantized_layers} ({self.quantized_params:,} params)"),
+            ("quantized Linear layers", f"{self.quantized_layers} ({self.quantized_params:,} params; an expert's "
+                                        "projection counts as one)"),
             ("bits / quantized param",
              f"{self.bits_per_quantized_param:.3f} (codes + FP8 block + FP32 global scales)"),
             ("tensors (safetensors)", f"{self.tensor_bytes:,} B ({self.tensor_bytes / mib:.2f} MiB)"),
@@ -71,13 +74,17 @@ def summarize(state_dict: dict[str, torch.Tensor], scales: Scales, tensors: dict
               layout: Layout, total_params: int, out_dir: Path, files: dict[str, int]) -> ExportSummary:
     """The `ExportSummary` of `tensors` (the compressed `state_dict`) written as `files` (name -> bytes)."""
     quantized_params = sum(state_dict[f"{name}.weight"].numel() for name in scales.modules)
-    modules, locals_ = set(scales.modules), set(layout.names.all())
+    quantized_params += sum(state_dict[f"{m}.{p}"].numel() for m in scales.experts
+                            for p in scales.names.experts[m][0].fused)
+    modules = {scales.names.module(name) for name in scales.modules} | set(scales.expert_projections())
+    locals_ = set(layout.names.all())
     quantized_bytes = sum(t.numel() * t.element_size() for key, t in tensors.items()
                           if key.rpartition(".")[0] in modules and key.rpartition(".")[2] in locals_)
     tensor_bytes = sum(size for name, size in files.items() if name.endswith(".safetensors"))
     return ExportSummary(
         layout=layout.name, scheme=scales.scheme, out_dir=str(out_dir), files=dict(files),
-        total_bytes=sum(files.values()), tensor_bytes=tensor_bytes, quantized_layers=len(scales.modules),
+        total_bytes=sum(files.values()), tensor_bytes=tensor_bytes,
+        quantized_layers=len(scales.modules) + len(scales.expert_projections()),
         quantized_params=quantized_params, quantized_bytes=quantized_bytes,
         bits_per_quantized_param=8 * quantized_bytes / max(quantized_params, 1), total_params=total_params,
         bf16_bytes=2 * total_params, size_vs_bf16=tensor_bytes / max(2 * total_params, 1))
@@ -118,9 +125,18 @@ def write_shards(tensors: dict[str, torch.Tensor], directory: Path, shard_size_b
     write_json(export.shard_index, index, sort_keys=True)
 
 
-def unquantized_linears(student: nn.Module) -> list[str]:
-    """Names of the Linear layers left in high precision (the `ignore` / `exclude_modules` list)."""
-    return [name for name, m in student.named_modules() if isinstance(m, nn.Linear)]
+def unquantized_linears(student: nn.Module, names: CheckpointNames | None = None) -> list[str]:
+    """Checkpoint names of every module a serving engine reads as a Linear layer and that the export leaves in
+    high precision (the `ignore` / `exclude_modules` list): unquantized nn.Linear layers, MoE routers (plain
+    modules in transformers 5, Linear layers in vLLM and in the checkpoint) and the per-expert projections of
+    unquantized experts. What the list does not name and the config's `Linear` target covers is quantized."""
+    names = names or CheckpointNames()
+    out = [names.module(name) for name, m in student.named_modules() if isinstance(m, nn.Linear)]
+    out += [names.module(name) for name, m in student.named_modules() if is_router(m)]
+    for name, (_, prefixes) in names.experts.items():
+        if not isinstance(student.get_submodule(name), QuantExperts):
+            out += list(prefixes.values())
+    return out
 
 
 def model_config(student: nn.Module, quantization_config: dict) -> dict:
@@ -199,7 +215,7 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | os.PathLike,
         tokenizer = load_tokenizer(teacher_dir)
     state_dict = student.state_dict()
     tensors = compress(state_dict, scales, layout)
-    quantization_config, extra_files = layout.config_files(scales.w4a4, unquantized_linears(student))
+    quantization_config, extra_files = layout.config_files(scales.w4a4, unquantized_linears(student, scales.names))
     config = model_config(student, quantization_config)
     total_params = sum(p.numel() for p in student.parameters())  # parameters() skips tied duplicates
     try:

@@ -3,7 +3,8 @@
 An objective is a callable on `ForwardOutputs` (one micro-batch's student and teacher forward) returning a
 scalar tensor; each has its own config dataclass and registers under one name (`register_objective`).
 `--loss kl+cka` names a `Composite`: the first term has weight 1, the CKA term weight λ (fixed, or `auto`:
-λ = α · stopgrad(first / cka), docs/method.md#cka-qad-loss), a CE term its `--ce-weight`. The result is a `LossParts` of
+λ = α · stopgrad(first / cka), docs/method.md#cka-qad-loss), a CE term its `--ce-weight`, a router-kl term its
+`--router-kl-weight`. The result is a `LossParts` of
 tensors: nothing here moves a value to the host; the trainer does that once per step, when it logs.
 """
 
@@ -34,6 +35,10 @@ class ForwardOutputs:
     teacher_states: dict[int, torch.Tensor] = field(default_factory=dict)
     row_counts: list[int] | None = None
     """under torchrun, every rank's number of sampled state rows (the CKA term gathers them); else None"""
+    student_routers: dict = field(default_factory=dict)
+    """{block index: capture.RouterStates} of the student's MoE routers at every token (router-kl only)"""
+    teacher_routers: dict = field(default_factory=dict)
+    """the teacher's, likewise"""
 
 
 @dataclass

@@ -13,17 +13,19 @@ from ckaqad.objectives.ce import CEConfig
 from ckaqad.objectives.cka import CKAConfig
 from ckaqad.objectives.hidden import HiddenCosineConfig, HiddenMSEConfig
 from ckaqad.objectives.kl import KLConfig
+from ckaqad.objectives.router_kl import RouterKLConfig
 
 
 @dataclass
 class ObjectiveConfig:
     loss: str = "kl+cka"
-    """objective: terms joined by + from kl, cka, ce, hidden-cosine, hidden-mse (kl: KL-only QAD; kl+cka: CKA-QAD)"""
+    """objective: terms joined by + from kl, cka, ce, hidden-cosine, hidden-mse, router-kl (kl+cka: CKA-QAD)"""
     kl: KLConfig = field(default_factory=KLConfig)
     cka: CKAConfig = field(default_factory=CKAConfig)
     ce: CEConfig = field(default_factory=CEConfig)
     hidden_cosine: HiddenCosineConfig = field(default_factory=HiddenCosineConfig)
     hidden_mse: HiddenMSEConfig = field(default_factory=HiddenMSEConfig)
+    router_kl: RouterKLConfig = field(default_factory=RouterKLConfig)
 
     def __post_init__(self) -> None:
         names = self.terms
@@ -70,6 +72,11 @@ class Composite:
     @property
     def needs_states(self) -> bool:
         return any(term.needs_states for _, term in self.terms)
+
+    @property
+    def needs_routers(self) -> bool:
+        """Whether a term reads the MoE routers' logits (`ForwardOutputs.student_routers`: router-kl)."""
+        return any(getattr(term, "needs_routers", False) for _, term in self.terms)
 
     def __call__(self, out: ForwardOutputs) -> LossParts:
         values: dict[str, torch.Tensor] = {}

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ckaqad.errors import CheckpointError
-from ckaqad.eval.fidelity import COMPARED, HEADLINE, Fidelity
+from ckaqad.eval.fidelity import COMPARED, HEADLINE, ROUTING_HEADLINE, Fidelity
 from ckaqad.files import write_json
 
 SCHEMA = "ckaqad.results/1"
@@ -162,11 +162,12 @@ class Results:
 
 def flat_metrics(payload: dict) -> dict[str, float]:
     """Headline numbers of an eval.json payload or a results.json model entry, flattened for tables:
-    `fidelity.<COMPARED>`, `humaneval.{nll_token_mean, pass@1, pass@10}`, `lm-eval.<task>.<metric>` (no
+    `fidelity.<COMPARED>` (and the routing drift of MoE models), `humaneval.{nll_token_mean, pass@1, pass@10}`,
+    `lm-eval.<task>.<metric>` (no
     standard errors, no sample counts)."""
     out: dict[str, float] = {}
     fid = payload.get("fidelity") or {}
-    for key in COMPARED:
+    for key in (*COMPARED, *ROUTING_HEADLINE):
         if key in fid:
             out[f"fidelity.{key}"] = fid[key]
     he = payload.get("humaneval") or {}
@@ -198,7 +199,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _headline(entry: dict) -> dict:
-    return {k: entry[k] for k in HEADLINE if k in entry}
+    return {k: entry[k] for k in (*HEADLINE, *ROUTING_HEADLINE) if k in entry}
 
 
 def _from_eval_json(p: dict) -> Results:

@@ -21,8 +21,9 @@ METHOD_LABELS = {"teacher": "teacher", "ptq": "PTQ", "kl": "KL-QAD", "kl+cka": "
                  "kl+hidden-cosine": "KL+cosine", "kl+hidden-mse": "KL+MSE"}
 # Metrics where lower is better, by their last dotted part (`served.kl_per_token`, `lambada.perplexity`);
 # every other one: higher is better.
-LOWER_IS_BETTER = ("kl_per_token", "perplexity")
-FIDELITY_METRICS = ("mean_cka", "min_cka", "kl_per_token", "perplexity", "top1_agreement")
+LOWER_IS_BETTER = ("kl_per_token", "perplexity", "router_kl")
+FIDELITY_METRICS = ("mean_cka", "min_cka", "kl_per_token", "perplexity", "top1_agreement", "router_jaccard",
+                    "router_kl")
 GROUP_FIELDS = ("model", "format", "scheme", "method", "steps")
 # Metrics of a student's served export (commands/study.py, eval.runtimes) carry this prefix.
 SERVED_PREFIX = "served."

@@ -36,6 +36,36 @@ def layer_table(results: dict[str, Fidelity]) -> list[str]:
     return lines
 
 
+def routing_lines(results: dict[str, Fidelity]) -> list[str]:
+    """Routing drift of MoE students (`eval.routing`): per MoE layer, each student's top-k Jaccard and router KL,
+    then the expert-load histograms (teacher, students) as shares in %. No lines for dense models."""
+    routed = {label: r for label, r in results.items() if r.routing}
+    if not routed:
+        return []
+    labels = list(routed)
+    first = next(iter(routed.values()))
+    lines = ["## Routing drift (MoE layers)", "",
+             f"Mean over the real held-out tokens of the Jaccard index of the top-{first.routing[0]['top_k']} "
+             "experts each token chose (student vs teacher) and of KL(teacher ‖ student) between the router "
+             "distributions (`eval.routing`).", "",
+             "| layer | " + " | ".join(f"{lb} Jaccard | {lb} router KL" for lb in labels) + " |",
+             "|---|" + "---|---|" * len(labels)]
+    by_layer = {label: {row["layer"]: row for row in r.routing} for label, r in routed.items()}
+    for row in first.routing:
+        cells = [f"{by_layer[lb][row['layer']]['jaccard']:.4f} | {by_layer[lb][row['layer']]['router_kl']:.5f}"
+                 if row["layer"] in by_layer[lb] else "– | –" for lb in labels]
+        lines.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
+    lines += ["", "Expert load (% of the top-k choices; teacher, then each student):", "",
+              "| layer | model | " + " | ".join(f"e{e}" for e in range(first.routing[0]["experts"])) + " |",
+              "|---|---|" + "---|" * first.routing[0]["experts"]]
+    for row in first.routing:
+        shares = [("teacher", row["teacher_load"])] + [(lb, by_layer[lb][row["layer"]]["student_load"])
+                                                       for lb in labels if row["layer"] in by_layer[lb]]
+        for who, load in shares:
+            lines.append(f"| {row['layer']} | {who} | " + " | ".join(f"{100 * v:.1f}" for v in load) + " |")
+    return lines + [""]
+
+
 def coverage_lines(quantization: dict[str, dict]) -> list[str]:
     """One line per student: how many Linear layers were quantized, and why the others were not.
 

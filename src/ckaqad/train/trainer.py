@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ckaqad.capture import LayerCapture, LayerMap, rank_rows, select_rows, valid_token_mask
+from ckaqad.capture import LayerCapture, LayerMap, RouterCapture, rank_rows, select_rows, valid_token_mask
 from ckaqad.data.blocks import TokenBlocks, rank_slice, train_batches
 from ckaqad.errors import ConfigError, TrainingError
 from ckaqad.objectives.base import ForwardOutputs, LossParts
@@ -162,6 +162,15 @@ class Captures:
     teacher: LayerCapture | None
     student: LayerCapture | None
     layer_map: LayerMap
+    teacher_routers: RouterCapture | None = None
+    """router logits at every token (None unless a term reads them: router-kl)"""
+    student_routers: RouterCapture | None = None
+
+    def router_states(self) -> dict:
+        """{"student_routers", "teacher_routers"} of the last forward, as ForwardOutputs keywords."""
+        if self.student_routers is None:
+            return {}
+        return {"student_routers": self.student_routers.take(), "teacher_routers": self.teacher_routers.take()}
 
     def set_rows(self, rows: torch.Tensor) -> None:
         for capture in (self.teacher, self.student):
@@ -177,7 +186,7 @@ class Captures:
         return {k: s[i] for k, (i, _) in enumerate(pairs)}, {k: t[j] for k, (_, j) in enumerate(pairs)}
 
     def remove(self) -> None:
-        for capture in (self.teacher, self.student):
+        for capture in (self.teacher, self.student, self.teacher_routers, self.student_routers):
             if capture is not None:
                 capture.remove()
 
@@ -185,7 +194,7 @@ class Captures:
     def paused(self) -> Iterator[None]:
         """The hooks off for a held-out evaluation between steps."""
         with contextlib.ExitStack() as stack:
-            for capture in (self.teacher, self.student):
+            for capture in (self.teacher, self.student, self.teacher_routers, self.student_routers):
                 if capture is not None:
                     stack.enter_context(capture.paused())
             yield
@@ -201,7 +210,8 @@ def micro_step(trainee: Trainee, batch: dict, rows: torch.Tensor, captures: Capt
     with autocast(trainee.device):
         s_logits = trainee.student(**batch).logits
     s_states, t_states = captures.paired_states()
-    return trainee.objective(ForwardOutputs(s_logits, t_logits, batch, s_states, t_states, row_counts))
+    return trainee.objective(ForwardOutputs(s_logits, t_logits, batch, s_states, t_states, row_counts,
+                                            **captures.router_states()))
 
 
 def sample_rows(trainee: Trainee, batch: dict, step: int, micro: int) -> torch.Tensor:
@@ -298,10 +308,14 @@ def _isfinite(value: float) -> bool:
 
 
 def make_captures(trainee: Trainee) -> Captures:
+    routers = {}
+    if getattr(trainee.objective, "needs_routers", False):
+        routers = {"teacher_routers": RouterCapture(trainee.teacher, detach=True),
+                   "student_routers": RouterCapture(trainee.student)}
     if not trainee.objective.needs_states:
-        return Captures(None, None, trainee.layer_map)
+        return Captures(None, None, trainee.layer_map, **routers)
     return Captures(LayerCapture(trainee.teacher, trainee.layer_map.teacher_layers, detach=True),
-                    LayerCapture(trainee.student, trainee.layer_map.student_layers), trainee.layer_map)
+                    LayerCapture(trainee.student, trainee.layer_map.student_layers), trainee.layer_map, **routers)
 
 
 def evaluate(trainee: Trainee) -> dict:
