@@ -52,7 +52,7 @@ HELP = "quantization-aware distillation of the student: KL-only QAD or CKA-QAD (
 
 # Fields that may differ between a run and its resumption.
 RESUME_MAY_CHANGE = {"resume", "out", "device", "progress", "steps", "eval_every",
-                     "teacher_sharding", "activation_checkpointing", "dist_timeout"}
+                     "teacher_sharding", "activation_checkpointing", "dist_timeout", "cpu_offload"}
 
 
 @dataclass
@@ -208,9 +208,11 @@ def place_models(student: torch.nn.Module, teacher: LoadedModel, parallel: Paral
     if parallel.activation_checkpointing:
         apply_activation_checkpointing(student)
     if not world.distributed:
+        if parallel.cpu_offload:
+            raise ConfigError("--cpu-offload needs a sharded run (torchrun): FSDP2 offloads the student's shards")
         return None
     device = next(student.parameters()).device
-    shard_model(student, device, trainable=True)
+    shard_model(student, device, trainable=True, cpu_offload=parallel.cpu_offload)
     placement = choose_teacher_sharding(parallel.teacher_sharding, parameter_bytes(teacher.model),
                                         rank_memory_bytes(device))
     if placement == "shard":
