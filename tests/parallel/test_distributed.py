@@ -32,6 +32,7 @@ import torch
 from distributed_runs import LEAN, STEPS, config, cut_at, eval_records, make_workdir, train_records
 from safetensors.torch import load_file
 
+import ckaqad
 from ckaqad.commands import distill
 from ckaqad.commands import export as export_command
 from ckaqad.paths import ShardedCheckpointDir
@@ -48,7 +49,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def environment() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    # the workers import the ckaqad this test imports (a worktree's src, not the venv's editable install)
+    source = str(Path(ckaqad.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE), source])}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env

@@ -151,7 +151,7 @@ def fidelity_callback(teacher: LoadedModel, student: torch.nn.Module, blocks: To
                       layer_map: LayerMap):
     """The held-out evaluation the loop runs every --eval-every steps and at the end."""
     exclude = tuple(i for i in (teacher.tokenizer.bos_token_id,) if i is not None)
-    device = next(student.parameters()).device
+    device = next(teacher.model.parameters()).device  # the compute device (an offloaded student's is the host)
 
     def evaluate() -> dict:
         with trainer.autocast(device):

@@ -123,10 +123,11 @@ def print_proposal(config: Config, shape, memory: float, host: float | None) -> 
         return None
     for gpus, lever, reason in found.tried[-3:]:
         print(f"  not {gpus} GPU(s) with {lever}: {reason}")
-    flags = [f"torchrun --nproc-per-node {min(found.gpus, config.gpus_per_node)}"] if found.gpus > 1 else []
+    settings = found.settings
+    launch = found.gpus > 1 or settings["offload"]  # FSDP2 (and so offload) needs torchrun, also for one GPU
+    flags = [f"torchrun --nproc-per-node {min(found.gpus, config.gpus_per_node)}"] if launch else []
     if found.gpus > config.gpus_per_node:
         flags.append(f"--nnodes {found.gpus // config.gpus_per_node}")
-    settings = found.settings
     flags += (["--activation-checkpointing"] if settings["checkpointing"] else []) + \
         (["--teacher-sharding shard"] if settings["shard"] else []) + \
         ([f"--optimizer {settings['optimizer']}"] if settings["optimizer"] != "adamw" else []) + \

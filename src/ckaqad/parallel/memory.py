@@ -377,8 +377,9 @@ def propose(shape: LlamaShape, memory_bytes: float, batch_blocks: int, seq_len: 
     for gpus in counts:
         batch = -(-max(batch_blocks, gpus) // gpus) * gpus
         for lever, settings in LEVERS:
-            if settings["shard"] and gpus == 1:
-                continue
+            if gpus == 1 and lever == "+ teacher sharded":
+                continue  # one rank: nothing to shard over (torchrun --nproc-per-node 1 still offloads)
+            settings = {**settings, "shard": settings["shard"] and gpus > 1}
             plan = plan_memory(shape, gpus, batch, seq_len, teacher_sharded=settings["shard"], w4a4=w4a4,
                                train_high_precision=train_high_precision, optimizer=settings["optimizer"],
                                offload=settings["offload"])

@@ -130,7 +130,8 @@ class Trainee:
 
     @property
     def device(self) -> torch.device:
-        return next(self.student.parameters()).device
+        # The compute device: the teacher's. Under --cpu-offload the student's shards live in host memory.
+        return next(self.teacher.parameters()).device
 
 
 def make_optimizer(student: nn.Module, config: TrainConfig
