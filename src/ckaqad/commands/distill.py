@@ -243,7 +243,10 @@ def _run(config: Config, teacher_loaded: LoadedModel | None, world: World) -> di
     # A sharded student is assembled on rank 0 (the other ranks send their shards and get nothing back), so
     # the final student directory is the same file a one-process run writes.
     state = full_state_dict(trainee.student) if world.distributed else None
-    summary = {"final": final, "steps": config.train.steps, "loss": config.objective.loss}
+    summary = {"final": final, "steps": config.train.steps, "loss": config.objective.loss,
+               # W4A4 turns float32 summation-order differences into FP4 rounding flips, so runs on CPU compare
+               # only at equal intra-op threads (docs/distributed.md#equal-arithmetic); torchrun sets 1 per rank.
+               "cpu_threads": torch.get_num_threads()}
     if world.is_main:
         with atomic_directory(trainee.run.student.root) as tmp:
             save_student_dir(trainee.student, tmp, trainee.tokenizer,
