@@ -215,7 +215,13 @@ def test_offload_moves_the_training_state_to_the_host_and_bf16_moments_halve_it(
     assert lean.optimizer - steps == (plain.optimizer - steps) // 2
     # today's build holds the whole teacher and FP32 student on every rank before sharding
     assert plain.build_peak == shape.parameters * 6
-    assert why_not(offload, 80 * 2**30, True, None, 8).startswith("building needs")
+    # today's evaluation gathers the whole student (bf16) and a bf16 quantized copy of its weights on every rank
+    quantized = sum(math.prod(s) for s in shape.quantized_shapes())
+    assert plain.eval_peak == plain.teacher + plain.student_masters + plain.optimizer + 2 * shape.parameters \
+        + 2 * quantized + 2 * plain.logits // 3
+    assert offload.eval_peak == plain.eval_peak - plain.student_masters - plain.optimizer
+    assert why_not(offload, 80 * 2**30, True, None, 8).startswith("the held-out evaluation needs")
+    assert why_not(offload, 400 * 2**30, True, None, 8).startswith("building needs")
 
 
 def test_the_proposal_takes_the_fewest_gpus_then_the_first_lever_that_fits():

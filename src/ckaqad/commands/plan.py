@@ -183,6 +183,7 @@ def run(config: Config) -> dict:
         print(f"{name:44s} {_gib(total)}  of {config.gpu_memory:g} GiB: {'fits' if ok else 'does not fit'}")
         result["fits_with_checkpointing" if checkpointing else "fits"] = ok
         result["total_bytes_with_checkpointing" if checkpointing else "total_bytes"] = total
+    print(f"{'held-out evaluation peak (GPU)':44s} {_gib(plan.eval_peak)}")
     print(f"{'build peak before sharding (GPU)':44s} {_gib(plan.build_peak)}")
     print(f"{'host memory per rank (load / offload)':44s} {_gib(plan.host_per_rank())}")
     host = config.host_memory * GIB if config.host_memory else None

@@ -257,6 +257,10 @@ class MemoryPlan:
     the whole FP32 student (`distill.build_trainee`) until `fully_shard` splits them"""
     host_build_peak: int = 0
     """host bytes of one rank while loading: the whole teacher as `from_pretrained` reads it"""
+    eval_peak: int = 0
+    """device bytes during the held-out evaluation: today every rank gathers the whole student (`unsharded`) and
+    holds a fake-quantized copy of every quantized weight (`cached_quantized_weights`), beside the teacher and the
+    student's masters and moments (the gradients are freed by then)"""
 
     @property
     def state(self) -> int:
@@ -315,12 +319,18 @@ def plan_memory(shape: LlamaShape, gpus: int, batch_blocks: int, seq_len: int, t
     checkpointed = shape.layers * tokens * shape.hidden * compute_bytes + block_acts
     # Student and teacher logits in the compute dtype and the chunked KL's gradient of the student logits.
     logits = 3 * tokens * shape.vocab * compute_bytes
+    quantized = sum(math.prod(s) for s in shape.quantized_shapes())
+    # The evaluation: a sharded student is gathered whole in the compute dtype; one process already holds its
+    # FP32 masters. The held fake-quantized weights have the gathered weights' dtype (FP32 in one process).
+    gathered = shape.parameters * compute_bytes if gpus > 1 else 0
+    held = quantized * (compute_bytes if gpus > 1 else 4)
+    eval_peak = teacher + (0 if offload else masters + optimizer_bytes) + gathered + held + 2 * logits // 3
     return MemoryPlan(shape=shape, gpus=gpus, teacher_sharded=teacher_sharded, tokens_per_rank=tokens,
                       teacher=teacher, student_masters=masters, gradients=sharded_trained * 4,
                       optimizer=optimizer_bytes, working_set=working, activations=activations,
                       activations_checkpointed=checkpointed, logits=logits, offload=offload,
                       optimizer_name=optimizer, build_peak=shape.parameters * (teacher_bytes + 4),
-                      host_build_peak=shape.parameters * teacher_bytes)
+                      host_build_peak=shape.parameters * teacher_bytes, eval_peak=eval_peak)
 
 
 def fits(plan: MemoryPlan, memory_bytes: float, checkpointing: bool) -> bool:
@@ -334,6 +344,9 @@ def why_not(plan: MemoryPlan, memory_bytes: float, checkpointing: bool, host_byt
     limit = (1 - HEADROOM) * memory_bytes
     if plan.total(checkpointing) > limit:
         return f"training needs {plan.total(checkpointing) / GIB:.1f} GiB per GPU > {limit / GIB:.1f}"
+    if plan.eval_peak > limit:
+        return (f"the held-out evaluation needs {plan.eval_peak / GIB:.1f} GiB per GPU > {limit / GIB:.1f} (each rank "
+                "gathers the whole student and a quantized copy of its weights)")
     if plan.build_peak > limit:
         return (f"building needs {plan.build_peak / GIB:.1f} GiB per GPU > {limit / GIB:.1f} (each rank holds the "
                 "whole teacher and FP32 student before sharding)")
