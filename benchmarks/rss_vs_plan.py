@@ -6,8 +6,8 @@ Saves a random Llama of the given shape (byte-level tokenizer, 259 tokens) as th
 kl+cka on 2 processes (gloo), and has each rank report its peak RSS (VmHWM from /proc/self/status) and its RSS
 before anything was loaded (the interpreter with torch, transformers and ckaqad imported). The planner's
 per-rank bytes on CPU (FP32 compute and teacher) are compared with the peak minus that baseline:
-max(build peak, training total), the build peak being today's whole teacher plus whole FP32 student on every
-rank. Prints a table and JSON.
+max(build peak, training total, evaluation peak), the build peak being today's whole teacher plus whole FP32
+student on every rank. Prints a table and JSON.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main() -> None:
         plan = plan_memory(shape, args.nproc, args.nproc, args.seq_len, teacher_sharded=False, compute_bytes=4,
                            teacher_bytes=4, rank=rank, optimizer=args.optimizer, offload=args.cpu_offload)
         # On CPU the device is the host: offloaded state and training state are the same bytes.
-        estimate = max(plan.build_peak, plan.total(False) + plan.host_state)
+        estimate = max(plan.build_peak, plan.total(False) + plan.host_state, plan.eval_peak + plan.host_state)
         grown = measured["peak"] - measured["baseline"]
         rows.append({"rank": rank, "baseline": measured["baseline"], "peak": measured["peak"], "grown": grown,
                      "plan": estimate, "ratio": grown / estimate})
