@@ -10,7 +10,8 @@
 #           summary.json holds the step time and peak memory) beside `ckaqad plan`'s estimate for the same
 #           batch (issue 11); the run exported (compressed-tensors) and evaluated on the GPU with the
 #           fidelity and runtime-spread suites (issue 15: the served runtime's bf16 kernels against ckaqad's
-#           emulation on the device).
+#           emulation on the device); the memory-lean state (--cpu-offload, --optimizer adamw-bf16, issue 20)
+#           trained under torchrun on one GPU, its max_memory_allocated beside the planner (lean_vs_plan.json).
 #
 # Each step logs to $OUT/suite-<part>.log with its exit code and seconds; a failed step does not stop the others.
 # At most 8 files come back from $OUT, so each part writes at most 6. Without a GPU (GPU_SUITE_DEVICE=cpu) the
@@ -84,6 +85,23 @@ case "$part" in
     cp "$run/summary.json" "$OUT/distill_summary.json" 2>/dev/null
     step plan 60 $PY -m ckaqad plan --teacher default --gpus 1 --gpu-memory 139 "${size[@]:2:4}" \
       --json "$OUT/plan.json"
+    # issue 20: the memory-lean state (FSDP2 over one rank, shards offloaded to the host, bf16 AdamW moments):
+    # the steps' max_memory_allocated beside the planner's estimate for the same flags, in one file.
+    lean="$STASH/distill-lean"
+    rm -rf "$lean"
+    step distill-lean 240 $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m ckaqad distill \
+      --teacher default --device "$DEVICE" --loss kl+cka "${size[@]}" "${extra[@]}" --eval-every 0 --save-every 1000 \
+      --no-progress --cpu-offload --optimizer adamw-bf16 --out "$lean"
+    step plan-lean 60 $PY -m ckaqad plan --teacher default --gpus 1 --gpu-memory 139 "${size[@]:2:4}" \
+      --cpu-offload --optimizer adamw-bf16 --json "$STASH/plan-lean.json"
+    step lean-vs-plan 30 $PY -c "
+import json, sys
+steps = [json.loads(l) for l in open('$lean/metrics.jsonl') if '\"train\"' in l]
+plan = json.load(open('$STASH/plan-lean.json'))
+peak = max(r['peak_memory_mb'] for r in steps) * 2**20
+out = {'max_memory_allocated': peak or None, 'planner_total': plan['total_bytes'],
+       'ratio': peak / plan['total_bytes'] if peak else 'not measured: no device'}
+json.dump(out, open('$OUT/lean_vs_plan.json', 'w'), indent=1); print(out)"
     step export 120 $PY -m ckaqad export --run "$run" --out "$STASH/export"
     step eval-export 240 $PY -m ckaqad eval --model "$STASH/export" --suite fidelity,runtime-spread \
       --device "$DEVICE" --eval-blocks "$blocks" --out "$STASH/eval"

@@ -78,3 +78,28 @@ def test_bad_input_is_one_error_line(capsys, flags, message):
 def test_config_checks_before_any_work():
     with pytest.raises(ConfigError, match="at least 1"):
         plan.Config(gpus=0)
+
+
+def test_offload_and_bf16_moments_and_the_proposal_are_printed(capsys):
+    base = plan.run(plan.Config(teacher="llama-3.1-8b", gpus=1, gpu_memory=80, host_memory=1536))
+    lean = plan.run(plan.Config(teacher="llama-3.1-8b", gpus=1, gpu_memory=80, host_memory=1536, cpu_offload=True,
+                                optimizer="adamw-bf16"))
+    out = capsys.readouterr().out
+    assert "in host memory" in out and "AdamW moments (bf16 shards" in out and "held-out evaluation peak" in out
+    assert lean["plan"]["optimizer"] < 0.51 * base["plan"]["optimizer"]
+    assert lean["fits_with_checkpointing"] and not base["fits_with_checkpointing"]
+    # the proposal: one GPU under torchrun (FSDP2 over one rank), activation checkpointing and offload
+    assert base["proposal"]["flags"] == ["torchrun --nproc-per-node 1", "--activation-checkpointing", "--cpu-offload"]
+    assert "cheapest layout on 1 node(s) of 8 x 80 GiB, 1536 GiB host memory per node: 1 GPU(s)" in out
+    huge = plan.run(plan.Config(teacher="llama-3.1-70b", gpus=8, gpu_memory=80, host_memory=1536))
+    assert huge["proposal"] is None and "none fits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--optimizer", "lion"], "optimizer"),
+    (["--nodes", "0"], "--nodes must be at least 1"),
+])
+def test_bad_lean_flags_are_one_error_line(capsys, flags, message):
+    assert cli.main(["plan", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ckaqad: error:") and message in err[0]

@@ -37,11 +37,12 @@ def make_workdir(root: Path) -> Path:
 
 
 def config(root: Path, out: Path, resume: Path | None = None, steps: int = STEPS, save_every: int = 2,
-           parallel: ParallelConfig | None = None, dist_timeout: float = 60.0) -> distill.Config:
+           parallel: ParallelConfig | None = None, dist_timeout: float = 60.0, train: dict | None = None
+           ) -> distill.Config:
     parallel = parallel or ParallelConfig(dist_timeout=dist_timeout)
     return distill.Config(
         teacher=str(root / "teacher"), device="cpu", out=str(out), resume=str(resume) if resume else None,
-        train=TrainConfig(**{**TRAIN, "steps": steps}), objective=ObjectiveConfig(loss="kl+cka"),
+        train=TrainConfig(**{**TRAIN, "steps": steps, **(train or {})}), objective=ObjectiveConfig(loss="kl+cka"),
         quant=QuantConfig(calib_batch_size=2), data=DataConfig(data=str(root / "data.txt"), seq_len=SEQ_LEN),
         checkpoint=CheckpointConfig(save_every=save_every, keep_last=3), parallel=parallel)
 
@@ -67,3 +68,9 @@ def train_records(run: Path) -> list[dict]:
 def eval_records(run: Path) -> list[dict]:
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in lines if r["kind"] == "eval"]
+
+
+# The flags of issue 20's report, scaled to the tiny teacher: one block per rank, the auto CKA weight, no
+# evaluation between steps, and the memory-lean state (bf16 AdamW moments; on 2 processes also the student's
+# shards offloaded to host memory, which changes where they live, not what is computed).
+LEAN = dict(steps=3, batch_size=2, cka_tokens=24, eval_every=0, optimizer="adamw-bf16")

@@ -8,6 +8,7 @@ test. Each rank writes WORKDIR/worker-RANK.json with what it measured; the runs 
     r2/          4 steps at 2 processes, teacher sharded, activation checkpointing
     r2_cut2/     r2 cut after step 2, resumed at 2 processes (teacher replicated, no checkpointing)
     r1_cut/      the one-process run resumed at 2 processes
+    r2_lean/     issue 20's flags (one block per rank) with bf16 AdamW moments and --cpu-offload
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from distributed_runs import config, cut_at
+from distributed_runs import LEAN, config, cut_at
 
 from ckaqad.cka import distributed_linear_cka, linear_cka
 from ckaqad.commands import distill
@@ -159,6 +160,7 @@ def main(root: Path) -> None:
     distill.run(config(root, root / "r2_cut2", resume=root / "r2_cut2",
                        parallel=ParallelConfig(teacher_sharding="replicate")))
     distill.run(config(root, root / "r1_cut", resume=root / "r1_cut"))
+    distill.run(config(root, root / "r2_lean", train=LEAN, parallel=ParallelConfig(cpu_offload=True)))
     (root / f"worker-{rank}.json").write_text(json.dumps(result, indent=1))
     dist.barrier()
     dist.destroy_process_group()

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_runs import STEPS, config, cut_at, eval_records, make_workdir, train_records
+from distributed_runs import LEAN, STEPS, config, cut_at, eval_records, make_workdir, train_records
 from safetensors.torch import load_file
 
+import ckaqad
 from ckaqad.commands import distill
 from ckaqad.commands import export as export_command
 from ckaqad.paths import ShardedCheckpointDir
@@ -48,7 +49,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def environment() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    # the workers import the ckaqad this test imports (a worktree's src, not the venv's editable install)
+    source = str(Path(ckaqad.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE), source])}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env
@@ -58,6 +62,7 @@ def environment() -> dict[str, str]:
 def runs(tmp_path_factory) -> Path:
     root = make_workdir(tmp_path_factory.mktemp("distributed"))
     distill.run(config(root, root / "r1"))
+    distill.run(config(root, root / "r1_lean", train=LEAN))
     cut_at(root / "r1", root / "r1_cut", 2)
     launch = subprocess.run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "2",
                              str(HERE / "distributed_worker.py"), str(root)], env=environment(),
@@ -158,6 +163,17 @@ def test_two_processes_equal_one_process(runs):
     assert ShardedCheckpointDir(r2 / "checkpoints" / "step-000004").is_sharded()
     assert sorted(p.name for p in (r2 / "checkpoints" / "step-000004" / "dcp").glob("*.distcp")) == \
         ["__0_0.distcp", "__1_0.distcp"]
+
+
+def test_one_block_per_rank_with_offload_and_bf16_moments_equals_one_process(runs):
+    """Issue 20's report (KL off by 0.4 % from step 2 under W4A4) at the tiny scale: one block per rank, the
+    auto CKA weight, no evaluation between steps; with the student's shards offloaded to host memory and bf16
+    AdamW moments. Both runs use one thread per process (the report's one-process run did not: see
+    docs/distributed.md#equal-arithmetic), so every logged term agrees to float32 summation order."""
+    r1, r2 = runs / "r1_lean", runs / "r2_lean"
+    assert_records_close(train_records(r2), train_records(r1))
+    assert [r["step"] for r in train_records(r2)] == [1, 2, 3]
+    assert_weights_close(r1, r2)
 
 
 def test_resume_across_world_sizes_continues_the_uninterrupted_run(runs):

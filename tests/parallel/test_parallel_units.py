@@ -20,7 +20,15 @@ from ckaqad.objectives.kl import chunked_kl
 from ckaqad.parallel import dist as pdist
 from ckaqad.parallel.config import ParallelConfig
 from ckaqad.parallel.fsdp import choose_teacher_sharding
-from ckaqad.parallel.memory import SHAPES, LlamaShape, plan_memory, resolve_shape, shard_elements
+from ckaqad.parallel.memory import (
+    SHAPES,
+    LlamaShape,
+    plan_memory,
+    propose,
+    resolve_shape,
+    shard_elements,
+    why_not,
+)
 
 BLOCKS = torch.arange(40 * 8).view(40, 8)
 
@@ -170,3 +178,59 @@ def test_bench_step_distributed_mode_in_one_process(capsys, monkeypatch):
         assert r["processes"] == 1 and r["tokens_per_s"] == pytest.approx(2 * 32 / (r["step_ms"] / 1e3))
         assert r["ranks"][0]["peak_mb"] > 0 and r["ranks"][0]["state_mb"] > 0
     assert "QAD step across processes (FSDP2)" in capsys.readouterr().out
+
+
+def test_moe_shapes_count_what_transformers_builds():
+    """An MoE config.json (Qwen3-MoE: fused 3-D experts, q/k norms) gives the parameters transformers builds."""
+    config = transformers.Qwen3MoeConfig(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    shape = LlamaShape.from_config(config.to_dict(), "tiny-moe")
+    assert shape.experts == 4 and shape.experts_per_token == 2 and shape.qk_norm
+    assert shape.parameters == sum(p.numel() for p in transformers.Qwen3MoeForCausalLM(config).parameters())
+
+
+def test_builtin_moe_and_hybrid_shapes_have_the_published_parameter_counts():
+    # model cards: Qwen3-4B 4.0B, Qwen3-30B-A3B 30.5B, gpt-oss-20b 20.9B (biases and sinks left out: < 0.01 %),
+    # Nemotron 3 Nano 31.6B (the paper's count)
+    assert SHAPES["qwen3-4b"].parameters == 4_022_468_096
+    assert round(SHAPES["qwen3-30b-a3b"].parameters / 1e9, 1) == 30.5
+    assert round(SHAPES["gpt-oss-20b"].parameters / 1e9, 1) == 20.9
+    nano = SHAPES["nemotron-3-nano-30b-a3b"]
+    assert round(nano.parameters / 1e9, 1) == 31.6 and len(nano.block_kinds) == nano.layers == 52
+    assert nano.block_kinds.count("E") == 23 and nano.block_kinds.count("M") == 23 and nano.block_kinds.count("*") == 6
+    # the routers stay in high precision; every expert's weights are quantized and train
+    assert sum(math.prod(s) for s in SHAPES["qwen3-30b-a3b"].quantized_shapes()) == \
+        48 * (128 * 3 * 768 * 2048 + 2 * 4096 * 2048 + 2 * 512 * 2048)
+
+
+def test_offload_moves_the_training_state_to_the_host_and_bf16_moments_halve_it():
+    shape = SHAPES["llama-3.1-70b"]
+    plain = plan_memory(shape, 8, 8, 256, teacher_sharded=True)
+    offload = plan_memory(shape, 8, 8, 256, teacher_sharded=True, offload=True)
+    lean = plan_memory(shape, 8, 8, 256, teacher_sharded=True, optimizer="adamw-bf16")
+    assert plain.total(True) - offload.total(True) == plain.state == offload.host_state
+    assert plain.host_state == 0 and offload.host_per_rank() == max(offload.host_build_peak, offload.state)
+    steps = 4 * len(shape.quantized_shapes())  # one float32 step per tensor
+    assert lean.optimizer - steps == (plain.optimizer - steps) // 2
+    # today's build holds the whole teacher and FP32 student on every rank before sharding
+    assert plain.build_peak == shape.parameters * 6
+    # today's evaluation gathers the whole student (bf16) and a bf16 quantized copy of its weights on every rank
+    quantized = sum(math.prod(s) for s in shape.quantized_shapes())
+    assert plain.eval_peak == plain.teacher + plain.student_masters + plain.optimizer + 2 * shape.parameters \
+        + 2 * quantized + 2 * plain.logits // 3
+    assert offload.eval_peak == plain.eval_peak - plain.student_masters - plain.optimizer
+    assert why_not(offload, 80 * 2**30, True, None, 8).startswith("the held-out evaluation needs")
+    assert why_not(offload, 400 * 2**30, True, None, 8).startswith("building needs")
+
+
+def test_the_proposal_takes_the_fewest_gpus_then_the_first_lever_that_fits():
+    four_b = propose(SHAPES["qwen3-4b"], 80 * 2**30, 8, 256, 8, 1, 1536 * 2**30)
+    assert (four_b.gpus, four_b.lever) == (1, "activation checkpointing")
+    assert [t[:2] for t in four_b.tried] == [(1, "nothing")] and "training needs" in four_b.tried[0][2]
+    eight_b = propose(SHAPES["llama-3.1-8b"], 80 * 2**30, 8, 256, 8, 1, 1536 * 2**30)
+    # one GPU holds Llama-3.1-8B once its training state lives in host memory (FSDP2 over one rank)
+    assert (eight_b.gpus, eight_b.lever) == (1, "+ CPU offload") and not eight_b.settings["shard"]
+    assert [t[1] for t in eight_b.tried] == ["nothing", "activation checkpointing", "+ bf16 AdamW moments"]
+    # a tiny host memory rules out every layout that keeps the whole teacher on the host while loading
+    assert propose(SHAPES["llama-3.1-8b"], 80 * 2**30, 8, 256, 8, 1, 1 * 2**30) is None

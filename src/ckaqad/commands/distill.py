@@ -52,7 +52,7 @@ HELP = "quantization-aware distillation of the student: KL-only QAD or CKA-QAD (
 
 # Fields that may differ between a run and its resumption.
 RESUME_MAY_CHANGE = {"resume", "out", "device", "progress", "steps", "eval_every",
-                     "teacher_sharding", "activation_checkpointing", "dist_timeout"}
+                     "teacher_sharding", "activation_checkpointing", "dist_timeout", "cpu_offload"}
 
 
 @dataclass
@@ -153,7 +153,7 @@ def fidelity_callback(teacher: LoadedModel, student: torch.nn.Module, blocks: To
                       layer_map: LayerMap):
     """The held-out evaluation the loop runs every --eval-every steps and at the end."""
     exclude = tuple(i for i in (teacher.tokenizer.bos_token_id,) if i is not None)
-    device = next(student.parameters()).device
+    device = next(teacher.model.parameters()).device  # the compute device (an offloaded student's is the host)
 
     def evaluate() -> dict:
         with trainer.autocast(device):
@@ -211,9 +211,11 @@ def place_models(student: torch.nn.Module, teacher: LoadedModel, parallel: Paral
     if parallel.activation_checkpointing:
         apply_activation_checkpointing(student)
     if not world.distributed:
+        if parallel.cpu_offload:
+            raise ConfigError("--cpu-offload needs a sharded run (torchrun): FSDP2 offloads the student's shards")
         return None
     device = next(student.parameters()).device
-    shard_model(student, device, trainable=True)
+    shard_model(student, device, trainable=True, cpu_offload=parallel.cpu_offload)
     placement = choose_teacher_sharding(parallel.teacher_sharding, parameter_bytes(teacher.model),
                                         rank_memory_bytes(device))
     if placement == "shard":
@@ -244,7 +246,10 @@ def _run(config: Config, teacher_loaded: LoadedModel | None, world: World) -> di
     # A sharded student is assembled on rank 0 (the other ranks send their shards and get nothing back), so
     # the final student directory is the same file a one-process run writes.
     state = full_state_dict(trainee.student) if world.distributed else None
-    summary = {"final": final, "steps": config.train.steps, "loss": config.objective.loss}
+    summary = {"final": final, "steps": config.train.steps, "loss": config.objective.loss,
+               # W4A4 turns float32 summation-order differences into FP4 rounding flips, so runs on CPU compare
+               # only at equal intra-op threads (docs/distributed.md#equal-arithmetic); torchrun sets 1 per rank.
+               "cpu_threads": torch.get_num_threads()}
     if world.is_main:
         with atomic_directory(trainee.run.student.root) as tmp:
             save_student_dir(trainee.student, tmp, trainee.tokenizer,

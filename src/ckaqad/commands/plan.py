@@ -13,7 +13,19 @@ from dataclasses import asdict, dataclass
 from ckaqad.errors import ConfigError
 from ckaqad.files import write_json
 from ckaqad.parallel.config import REPLICATE_SHARE, TEACHER_SHARDING
-from ckaqad.parallel.memory import GIB, HEADROOM, SHAPES, MemoryPlan, fewest_gpus, fits, plan_memory, resolve_shape
+from ckaqad.parallel.memory import (
+    GIB,
+    HEADROOM,
+    OPTIMIZER_MOMENT_BYTES,
+    SHAPES,
+    MemoryPlan,
+    fewest_gpus,
+    fits,
+    plan_memory,
+    propose,
+    resolve_shape,
+    why_not,
+)
 from ckaqad.quant.linear import HIGH_PRECISION, SCHEMES, QuantConfig
 from ckaqad.registry import unknown_name
 
@@ -40,6 +52,16 @@ class Config:
     """frozen (only quantized Linear weights train, distill's default) or train (embeddings, norms, head too)"""
     json: str | None = None
     """also write the plan to this JSON file"""
+    optimizer: str = "adamw"
+    """distill's --optimizer: adamw (FP32 moments) or adamw-bf16 (bf16 moments)"""
+    cpu_offload: bool = False
+    """distill's --cpu-offload: the student's master shards, gradients and optimizer state in host memory"""
+    gpus_per_node: int = 8
+    """GPUs of one node (the proposal fills a node before it adds nodes)"""
+    nodes: int = 1
+    """most nodes the proposal may use"""
+    host_memory: float = 0.0
+    """host memory of one node in GiB (0: not checked)"""
 
     def __post_init__(self) -> None:
         if self.gpus < 1 or self.batch_size < 1 or self.seq_len < 1:
@@ -54,6 +76,10 @@ class Config:
             raise unknown_name("scheme (--scheme)", self.scheme, SCHEMES)
         if self.high_precision not in HIGH_PRECISION:
             raise unknown_name("high-precision policy (--high-precision)", self.high_precision, HIGH_PRECISION)
+        if self.optimizer not in OPTIMIZER_MOMENT_BYTES:
+            raise unknown_name("optimizer (--optimizer)", self.optimizer, OPTIMIZER_MOMENT_BYTES)
+        if self.gpus_per_node < 1 or self.nodes < 1 or self.host_memory < 0:
+            raise ConfigError("--gpus-per-node and --nodes must be at least 1, --host-memory at least 0")
 
 
 def _gib(value: int) -> str:
@@ -84,6 +110,45 @@ def advice(config: Config, plan: MemoryPlan, memory: float) -> list[str]:
     return tips
 
 
+def print_proposal(config: Config, shape, memory: float, host: float | None) -> dict | None:
+    """Print and return the cheapest layout that fits on up to --nodes nodes of --gpus-per-node GPUs, and why
+    each cheaper one does not."""
+    found = propose(shape, memory, config.batch_size, config.seq_len, config.gpus_per_node, config.nodes, host,
+                    w4a4=config.scheme == "w4a4", train_high_precision=config.high_precision == "train")
+    limits = f"{config.nodes} node(s) of {config.gpus_per_node} x {config.gpu_memory:g} GiB" + \
+        (f", {config.host_memory:g} GiB host memory per node" if host else "")
+    if found is None:
+        tried = propose_failures(config, shape, memory, host)
+        print(f"cheapest layout on {limits}: none fits; the largest layout tried: {tried}")
+        return None
+    for gpus, lever, reason in found.tried[-3:]:
+        print(f"  not {gpus} GPU(s) with {lever}: {reason}")
+    settings = found.settings
+    launch = found.gpus > 1 or settings["offload"]  # FSDP2 (and so offload) needs torchrun, also for one GPU
+    flags = [f"torchrun --nproc-per-node {min(found.gpus, config.gpus_per_node)}"] if launch else []
+    if found.gpus > config.gpus_per_node:
+        flags.append(f"--nnodes {found.gpus // config.gpus_per_node}")
+    flags += (["--activation-checkpointing"] if settings["checkpointing"] else []) + \
+        (["--teacher-sharding shard"] if settings["shard"] else []) + \
+        ([f"--optimizer {settings['optimizer']}"] if settings["optimizer"] != "adamw" else []) + \
+        (["--cpu-offload"] if settings["offload"] else [])
+    total = found.plan.total(settings["checkpointing"])
+    print(f"cheapest layout on {limits}: {found.gpus} GPU(s), {found.lever} ({total / GIB:.1f} GiB per GPU, "
+          f"{found.plan.host_per_rank() / GIB:.0f} GiB host per rank): {' '.join(flags) or 'no flags'}")
+    return {"gpus": found.gpus, "lever": found.lever, **settings, "total_bytes": total,
+            "host_bytes_per_rank": found.plan.host_per_rank(), "flags": flags,
+            "tried": [list(t) for t in found.tried]}
+
+
+def propose_failures(config: Config, shape, memory: float, host: float | None) -> str:
+    """Why the largest layout (every GPU, every lever) does not fit."""
+    gpus = config.gpus_per_node * config.nodes
+    batch = -(-max(config.batch_size, gpus) // gpus) * gpus
+    plan = plan_memory(shape, gpus, batch, config.seq_len, teacher_sharded=gpus > 1, w4a4=config.scheme == "w4a4",
+                       train_high_precision=config.high_precision == "train", optimizer="adamw-bf16", offload=True)
+    return f"{gpus} GPUs, every lever: {why_not(plan, memory, True, host, config.gpus_per_node)}"
+
+
 def run(config: Config) -> dict:
     """Print the plan; return it as a dict (also written to --json)."""
     shape = resolve_shape(config.teacher)
@@ -92,11 +157,15 @@ def run(config: Config) -> dict:
     sharded = config.teacher_sharding == "shard" or (
         config.teacher_sharding == "auto" and config.gpus > 1 and teacher_bytes > REPLICATE_SHARE * memory)
     plan = plan_memory(shape, config.gpus, config.batch_size, config.seq_len, sharded, w4a4=config.scheme == "w4a4",
-                       train_high_precision=config.high_precision == "train")
+                       train_high_precision=config.high_precision == "train", optimizer=config.optimizer,
+                       offload=config.cpu_offload)
+    where = ", in host memory" if config.cpu_offload else ""
+    moments = "bf16" if config.optimizer == "adamw-bf16" else "FP32"
     rows = [("teacher weights (bf16, " + ("sharded" if sharded else "replicated") + ")", plan.teacher),
-            ("student FP32 master shards", plan.student_masters), ("gradients (FP32 shards)", plan.gradients),
-            ("AdamW moments (FP32 shards)", plan.optimizer), ("gathered blocks (working set)", plan.working_set),
-            ("logits + KL gradient", plan.logits)]
+            (f"student FP32 master shards{where}", plan.student_masters),
+            (f"gradients (FP32 shards{where})", plan.gradients),
+            (f"AdamW moments ({moments} shards{where})", plan.optimizer),
+            ("gathered blocks (working set)", plan.working_set), ("logits + KL gradient", plan.logits)]
     print(f"# ckaqad plan: {shape.name} ({shape.parameters / 1e9:.3f} B parameters) on {config.gpus} x "
           f"{config.gpu_memory:g} GiB, batch {config.batch_size} x {config.seq_len} tokens "
           f"({plan.tokens_per_rank} tokens per rank), {config.scheme}")
@@ -114,11 +183,19 @@ def run(config: Config) -> dict:
         print(f"{name:44s} {_gib(total)}  of {config.gpu_memory:g} GiB: {'fits' if ok else 'does not fit'}")
         result["fits_with_checkpointing" if checkpointing else "fits"] = ok
         result["total_bytes_with_checkpointing" if checkpointing else "total_bytes"] = total
+    print(f"{'held-out evaluation peak (GPU)':44s} {_gib(plan.eval_peak)}")
+    print(f"{'build peak before sharding (GPU)':44s} {_gib(plan.build_peak)}")
+    print(f"{'host memory per rank (load / offload)':44s} {_gib(plan.host_per_rank())}")
+    host = config.host_memory * GIB if config.host_memory else None
+    result["why_not"] = why_not(plan, memory, True, host, config.gpus_per_node)
+    if config.cpu_offload and result["fits_with_checkpointing"] and result["why_not"]:
+        print(f"  but: {result['why_not']}")
     tips = advice(config, plan, memory)
     for tip in tips:
         print(f"  -> {tip}")
-    print(f"(fits: total <= {1 - HEADROOM:.0%} of the GPU; built-in shapes: {', '.join(SHAPES)})")
     result["advice"] = tips
+    result["proposal"] = print_proposal(config, shape, memory, host)
+    print(f"(fits: total <= {1 - HEADROOM:.0%} of the GPU; built-in shapes: {', '.join(SHAPES)})")
     if config.json:
         write_json(config.json, result)
     return result

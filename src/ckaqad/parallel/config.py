@@ -21,6 +21,9 @@ class ParallelConfig:
     """recompute each decoder block in the backward pass (non-reentrant) instead of keeping its activations"""
     dist_timeout: float = 600.0
     """seconds a collective waits for the other ranks before the job stops with an error"""
+    cpu_offload: bool = False
+    """torchrun: keep the student's master shards, gradients and optimizer state in host memory (FSDP2's
+    CPUOffloadPolicy; the optimizer step runs on the CPU)"""
 
     def __post_init__(self) -> None:
         if self.teacher_sharding not in TEACHER_SHARDING:

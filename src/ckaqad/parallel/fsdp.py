@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ckaqad.models.arch import decoder_layers
@@ -41,15 +41,18 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return len(layers)
 
 
-def shard_model(model: nn.Module, device: torch.device | str, trainable: bool) -> nn.Module:
+def shard_model(model: nn.Module, device: torch.device | str, trainable: bool, cpu_offload: bool = False) -> nn.Module:
     """`fully_shard` each decoder block, then the root, in place. A trainable model (the student) reduces its
-    gradients by sum and, on CUDA, computes in bf16 from its fp32 shards."""
+    gradients by sum and, on CUDA, computes in bf16 from its fp32 shards. `cpu_offload`: its shards, gradients
+    and (so) optimizer state stay in host memory (`CPUOffloadPolicy`, pinned on CUDA); each block's shards are
+    copied to the device for its all-gather."""
     device = torch.device(device)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if trainable and device.type == "cuda" else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     for block in decoder_layers(model):
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, offload_policy=offload)
+    fully_shard(model, mp_policy=policy, offload_policy=offload)
     if trainable:
         for module in model.modules():
             if isinstance(module, FSDPModule):

@@ -32,8 +32,10 @@ from ckaqad.objectives.compose import Composite
 from ckaqad.parallel.dist import World, peer_failures_as_errors
 from ckaqad.parallel.fsdp import unsharded
 from ckaqad.paths import RunDir
+from ckaqad.registry import unknown_name
 from ckaqad.train.checkpointer import CheckpointConfig, CheckpointManager
 from ckaqad.train.metrics import MetricsLog
+from ckaqad.train.optimizers import OPTIMIZERS, build_optimizer
 from ckaqad.train.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
@@ -71,8 +73,12 @@ class TrainConfig:
     """stop after this many consecutive steps with a non-finite loss"""
     progress: bool = True
     """show a progress bar"""
+    optimizer: str = "adamw"
+    """adamw (FP32 moments) or adamw-bf16 (moments stored in bf16: half the optimizer memory)"""
 
     def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise unknown_name("optimizer (--optimizer)", self.optimizer, OPTIMIZERS)
         if self.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {self.steps}")
         if self.lr <= 0:
@@ -132,16 +138,18 @@ class Trainee:
 
     @property
     def device(self) -> torch.device:
-        return next(self.student.parameters()).device
+        # The compute device: the teacher's. Under --cpu-offload the student's shards live in host memory.
+        return next(self.teacher.parameters()).device
 
 
 def make_optimizer(student: nn.Module, config: TrainConfig
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW (β 0.9, 0.95; fused on CUDA) over the trainable parameters, with the warmup-cosine schedule."""
+    """AdamW (β 0.9, 0.95; fused on CUDA; `--optimizer` picks the moments' dtype) over the trainable
+    parameters, with the warmup-cosine schedule."""
     params = [p for p in student.parameters() if p.requires_grad]
     device = next(student.parameters()).device
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")
+    optimizer = build_optimizer(config.optimizer, params, lr=config.lr, weight_decay=config.weight_decay,
+                                betas=(0.9, 0.95), fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(config.steps, config.warmup_steps, config.min_lr_ratio))
     return optimizer, scheduler

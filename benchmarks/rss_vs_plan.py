@@ -1,0 +1,122 @@
+"""Peak host memory per rank of a CPU `ckaqad distill` under torchrun against `ckaqad plan`'s per-rank estimate.
+
+    python benchmarks/rss_vs_plan.py --hidden 1024 --layers 8 --processes 2 [--cpu-offload] [--optimizer adamw-bf16]
+
+Saves a random Llama of the given shape (byte-level tokenizer, 259 tokens) as the teacher, trains 2 steps of
+kl+cka on 2 processes (gloo), and has each rank report its peak RSS (VmHWM from /proc/self/status) and its RSS
+before anything was loaded (the interpreter with torch, transformers and ckaqad imported). The planner's
+per-rank bytes on CPU (FP32 compute and teacher) are compared with the peak minus that baseline:
+max(build peak, training total, evaluation peak), the build peak being today's whole teacher plus whole FP32
+student on every rank. Prints a table and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def worker(args: argparse.Namespace) -> None:
+    from ckaqad import cli
+    from ckaqad.commands import distill
+
+    baseline = rss_bytes("VmRSS")  # the interpreter with torch, transformers and ckaqad imported
+
+    config = cli.parse("distill", ["--teacher", str(args.work / "teacher"), "--data", str(args.work / "data.txt"),
+                                   "--seq-len", str(args.seq_len), "--steps", "2", "--batch-size", str(args.nproc),
+                                   "--cka-tokens", "16", "--eval-every", "0", "--eval-blocks", str(args.nproc),
+                                   "--calib-batches", "1", "--calib-batch-size", str(args.nproc), "--device", "cpu",
+                                   "--no-progress", "--save-every", "1000", "--optimizer", args.optimizer,
+                                   "--out", str(args.work / "run")] + (["--cpu-offload"] if args.cpu_offload else []))
+    distill.run(config)
+    rank = int(os.environ["RANK"])
+    (args.work / f"rss-{rank}.json").write_text(json.dumps({"baseline": baseline, "peak": rss_bytes("VmHWM")}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--processes", dest="nproc", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--optimizer", default="adamw")
+    parser.add_argument("--cpu-offload", action="store_true")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    import transformers
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "commands"))
+    from conftest import make_tiny_tokenizer
+    from test_distill_command import corpus_text
+
+    from ckaqad.parallel.memory import GIB, LlamaShape, plan_memory
+
+    intermediate = args.hidden * 11 // 4 // 64 * 64
+    heads = max(args.hidden // 64, 1)
+    config = transformers.LlamaConfig(vocab_size=259, hidden_size=args.hidden, intermediate_size=intermediate,
+                                      num_hidden_layers=args.layers, num_attention_heads=heads,
+                                      num_key_value_heads=max(heads // 4, 1), tie_word_embeddings=False,
+                                      bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    with tempfile.TemporaryDirectory(prefix="rss-vs-plan-") as tmp:
+        work = Path(tmp)
+        transformers.LlamaForCausalLM(config).save_pretrained(work / "teacher")
+        make_tiny_tokenizer().save_pretrained(work / "teacher")
+        (work / "data.txt").write_text(corpus_text() * 4)
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               __file__, "--worker", "--work", str(work), "--processes", str(args.nproc),
+               "--seq-len", str(args.seq_len), "--optimizer", args.optimizer] \
+            + (["--cpu-offload"] if args.cpu_offload else [])
+        launch = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if launch.returncode:
+            sys.exit(launch.stderr[-3000:])
+        ranks = [json.loads((work / f"rss-{r}.json").read_text()) for r in range(args.nproc)]
+        metrics = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    shape = LlamaShape.from_config(config.to_dict(), "random")
+    rows = []
+    for rank, measured in enumerate(ranks):
+        plan = plan_memory(shape, args.nproc, args.nproc, args.seq_len, teacher_sharded=False, compute_bytes=4,
+                           teacher_bytes=4, rank=rank, optimizer=args.optimizer, offload=args.cpu_offload)
+        # On CPU the device is the host: offloaded state and training state are the same bytes.
+        estimate = max(plan.build_peak, plan.total(False) + plan.host_state, plan.eval_peak + plan.host_state)
+        grown = measured["peak"] - measured["baseline"]
+        rows.append({"rank": rank, "baseline": measured["baseline"], "peak": measured["peak"], "grown": grown,
+                     "plan": estimate, "ratio": grown / estimate})
+    losses = [m["loss"] for m in metrics if m["kind"] == "train"]
+    print(f"random Llama {shape.parameters / 1e6:.0f} M parameters (hidden {args.hidden}, {args.layers} blocks), "
+          f"{args.nproc} processes, {args.optimizer}{', cpu offload' if args.cpu_offload else ''}; losses {losses}")
+    print(f"{'rank':>4} {'baseline GiB':>12} {'peak GiB':>9} {'peak-baseline':>13} {'plan GiB':>9} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['rank']:>4} {r['baseline'] / GIB:12.2f} {r['peak'] / GIB:9.2f} {r['grown'] / GIB:13.2f} "
+              f"{r['plan'] / GIB:9.2f} {r['ratio']:6.2f}")
+    result = {"parameters": shape.parameters, "hidden": args.hidden, "layers": args.layers, "nproc": args.nproc,
+              "optimizer": args.optimizer, "cpu_offload": args.cpu_offload, "losses": losses, "ranks": rows}
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
