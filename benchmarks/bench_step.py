@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_header, print_table, time_fn, write_json  # noqa: E402
+from common import device_header, print_table, time_fn, time_interleaved, write_json  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ def matmul_rate(device: torch.device) -> float:
     return 2 * n**3 / time_fn(lambda: a @ b, device)
 
 
-def build(shape: ModelShape, device: torch.device, loss: str, scheme: str):
+def build(shape: ModelShape, device: torch.device, loss: str, scheme: str, quantized: bool = True,
+          arithmetic: str = "reference", compute_dtype: str | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ckaqad.capture import LayerMap
@@ -80,12 +82,15 @@ def build(shape: ModelShape, device: torch.device, loss: str, scheme: str):
     # The PTQ student of students.spec.build_ptq_student, calibrated on the benchmark's own batch (random
     # weights: no data set is involved).
     student = copy.deepcopy(teacher).float()
-    quantize_model_(student, QuantConfig(scheme=scheme))
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    calibrate(student, [batch])
+    if quantized:  # else the plain student: the same loop with no fake quant
+        quantize_model_(student, QuantConfig(scheme=scheme, arithmetic=arithmetic))
+        calibrate(student, [batch])
     student.train().requires_grad_(True)
-    train_cfg = TrainConfig(steps=1000, batch_size=shape.batch, cka_tokens=shape.cka_tokens, progress=False)
+    dtype_field = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
+    train_cfg = TrainConfig(steps=1000, batch_size=shape.batch, cka_tokens=shape.cka_tokens, progress=False,
+                            **dtype_field)
     optimizer, scheduler = make_optimizer(student, train_cfg)
 
     class _Tok:
@@ -224,6 +229,128 @@ def main_distributed(args) -> dict:
     return payload
 
 
+# ---------------------------------------------------------------------------------- plain vs quantized
+
+# One layer of SmolLM2 (up_proj: 576 -> 1536) on 512 tokens: the issue's yardstick for the fake quant's cost.
+LAYER_IN, LAYER_OUT, LAYER_TOKENS = 576, 1536, 512
+# The ratio table's default CPU model: SmolLM2 width with 12 blocks, so the decoder blocks (not the 49152-row
+# head) carry most of the FLOPs as in the 30-block model, at a step that takes seconds on 2 cores.
+CPU_RATIO = ModelShape("SmolLM2 width, 12 layers", 576, 1536, 12, 9, 3, 49152, 2, 128, 128)
+SHAPES["cpu-ratio"] = CPU_RATIO
+
+
+def bf16_step_supported() -> bool:
+    """The trainer has a compute dtype (bf16 autocast on CPU); older trees report the bf16 rows as n/a."""
+    from ckaqad.train.trainer import TrainConfig
+
+    return "compute_dtype" in TrainConfig.__dataclass_fields__
+
+
+def layer_candidates(device: torch.device) -> dict[str, Callable[[], object]]:
+    """The fake quants of one layer (weight 1536x576, activation 512x576) as the forward calls them, and
+    the layer's GEMM in fp32 and bf16."""
+    from ckaqad.formats import int4, mxfp4, nvfp4
+    from ckaqad.quant.linear import SERVED_FUNCTIONS
+
+    torch.manual_seed(0)
+    w = torch.randn(LAYER_OUT, LAYER_IN, device=device) * 0.02
+    x = torch.randn(LAYER_TOKENS, LAYER_IN, device=device)
+    x_amax = x.abs().amax()
+    wb, xb = w.bfloat16(), x.bfloat16()
+    runtime_input, runtime_weight = SERVED_FUNCTIONS["runtime"]
+    return {
+        "GEMM fp32 (512x576 @ 576x1536)": lambda: torch.nn.functional.linear(x, w),
+        "GEMM bf16": lambda: torch.nn.functional.linear(xb, wb),
+        "nvfp4 weight (reference)": lambda: nvfp4.fake_quantize_reference(w),
+        "nvfp4 weight (dispatched)": lambda: nvfp4.fake_quantize(w),
+        "nvfp4 input (dispatched)": lambda: nvfp4.fake_quantize(x, x_amax),
+        "mxfp4 weight (dispatched)": lambda: mxfp4.fake_quantize(w),
+        "int4 weight^T (dispatched)": lambda: int4.fake_quantize(w.T.contiguous()),
+        "runtime weight fp32": lambda: runtime_weight(w, w.abs().amax()),
+        "runtime input bf16": lambda: runtime_input(xb, x_amax),
+    }
+
+
+def measure_layer(device: torch.device, rounds: int) -> list[dict]:
+    with torch.no_grad():
+        times = time_interleaved(layer_candidates(device), device, warmup=3, rounds=rounds * 4)
+    gemm = times["GEMM fp32 (512x576 @ 576x1536)"]
+    return [{"what": name, "ms": t * 1e3, "vs_fp32_gemm": t / gemm} for name, t in times.items()]
+
+
+def step_candidates(shape: ModelShape, device: torch.device) -> dict[str, tuple]:
+    """name -> (build keyword arguments, loss): the plain and the W4A4 step in fp32 and (where the trainer has
+    it) bf16, KL-QAD and CKA-QAD."""
+    rows = {"plain fp32 kl": (dict(quantized=False), "kl"),
+            "w4a4 fp32 kl": (dict(), "kl"),
+            "w4a4 fp32 kl+cka": (dict(), "kl+cka")}
+    if bf16_step_supported():
+        rows |= {"plain bf16 kl": (dict(quantized=False, compute_dtype="bfloat16"), "kl"),
+                 "w4a4 bf16 kl": (dict(arithmetic="runtime", compute_dtype="bfloat16"), "kl"),
+                 "w4a4 bf16 kl+cka": (dict(arithmetic="runtime", compute_dtype="bfloat16"), "kl+cka")}
+    return rows
+
+
+def measure_steps(shape: ModelShape, device: torch.device, rounds: int) -> dict[str, float]:
+    """Median seconds of a full `train_step` and of the student's forward+backward alone, every variant built
+    in this process and timed in alternating rounds."""
+    from ckaqad.train.trainer import autocast, make_captures, train_step
+
+    fns: dict[str, Callable[[], object]] = {}
+    for name, (kwargs, loss) in step_candidates(shape, device).items():
+        trainee, batch, _ = build(shape, device, loss, "w4a4", **kwargs)
+        captures = make_captures(trainee)
+        step = [0]
+
+        def one_step(trainee=trainee, batch=batch, captures=captures, step=step):
+            train_step(trainee, step[0], iter([batch]), captures)
+            step[0] += 1
+
+        fns[f"step {name}"] = one_step
+        if loss == "kl":
+            def fwd_bwd(trainee=trainee, batch=batch):
+                dtype = {"compute_dtype": trainee.config.compute_dtype} if bf16_step_supported() else {}
+                with autocast(trainee.device, **dtype):
+                    logits = trainee.student(**batch).logits
+                logits.float().square().mean().backward()
+                trainee.student.zero_grad(set_to_none=True)
+
+            fns[f"fwd+bwd {name.removesuffix(' kl')}"] = fwd_bwd
+    return time_interleaved(fns, device, warmup=1, rounds=rounds)
+
+
+def main_ratios(args) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = SHAPES[args.shape[0]] if args.shape else (SMOLLM2 if device.type == "cuda" else CPU_RATIO)
+    if args.quick:
+        shape = ModelShape("tiny", 64, 128, 2, 4, 2, 512, 2, 32, 32)
+    rounds = 2 if args.quick else args.repeats
+    header = {**device_header(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "model": shape.name, "batch": f"{shape.batch}x{shape.seq}"}
+    layer = measure_layer(device, rounds)
+    print_table("Fake quant of one layer against its GEMM (1536x576 weight, 512 tokens)", header,
+                ["what", "ms", "x fp32 GEMM"], [[r["what"], r["ms"], r["vs_fp32_gemm"]] for r in layer])
+    times = measure_steps(shape, device, rounds)
+    rows, steps = [], []
+    for name, seconds in times.items():
+        kind, _, variant = name.partition(" ")
+        dtype = "bf16" if "bf16" in variant else "fp32"
+        plain = times.get(f"{kind} plain {dtype}" + (" kl" if kind == "step" else ""))
+        kl = times.get(name.replace("kl+cka", "kl")) if "kl+cka" in name else None
+        record = {"what": name, "ms": seconds * 1e3, "vs_plain_same_dtype": seconds / plain if plain else None,
+                  "vs_kl": seconds / kl if kl else None}
+        steps.append(record)
+        rows.append([name, record["ms"], record["vs_plain_same_dtype"] or float("nan"),
+                     record["vs_kl"] or float("nan")])
+    if not bf16_step_supported():
+        rows.append(["bf16 rows", "n/a: no --compute-dtype in this tree", "", ""])
+    print_table("Plain vs quantized step, side by side", header,
+                ["what", "ms", "x plain (same dtype)", "x KL-QAD"], rows)
+    payload = {"header": header, "layer": layer, "steps": steps}
+    write_json(args.json, payload)
+    return payload
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
@@ -234,9 +361,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="model shape(s) to run (default: smollm2 and llama-1b on GPU, cpu-small on CPU)")
     parser.add_argument("--distributed", action="store_true",
                         help="FSDP2 across the processes of this launch (torchrun), or 1 plain process")
+    parser.add_argument("--ratios", action="store_true",
+                        help="plain vs fp32/bf16 W4A4 step and fake quant vs GEMM, side by side (the fast-step table)")
     args = parser.parse_args(argv)
     if args.distributed:
         return main_distributed(args)
+    if args.ratios:
+        return main_ratios(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = (SMOLLM2, LLAMA_1B) if device.type == "cuda" and not args.quick else (CPU_SMALL,)
     if args.shape:

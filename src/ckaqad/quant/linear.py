@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ckaqad.errors import ConfigError
-from ckaqad.formats import CALIBRATED_FORMATS, FORMATS, get_format, nvfp4
+from ckaqad.formats import CALIBRATED_FORMATS, FORMATS, backends, get_format, nvfp4
 from ckaqad.formats.nvfp4_runtime import (
     pow2_global_amax,
     runtime_dequantize_weight,
@@ -144,6 +144,9 @@ def _runtime_weight(w: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """The weight compressed-tensors serves for this master weight: ckaqad's codes and block scales (the ones
     the export writes), decompressed as `NVFP4PackedCompressor` does to bf16, and held in w's dtype (exact) so
     that the straight-through gradient reaches a float32 master weight unrounded."""
+    fused = backends.fast_path("runtime-weight", w)
+    if fused is not None:
+        return fused(w, amax)
     q = nvfp4.quantize(w.float(), amax)
     return runtime_dequantize_weight(q.codes, q.block_scales, nvfp4.reciprocal_global_scale(amax),
                                      dtype=torch.bfloat16).to(w.dtype)
