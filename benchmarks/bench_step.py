@@ -61,7 +61,9 @@ def matmul_rate(device: torch.device) -> float:
 
 
 def build(shape: ModelShape, device: torch.device, loss: str, scheme: str, quantized: bool = True,
-          arithmetic: str = "reference", compute_dtype: str | None = None):
+          arithmetic: str = "reference", compute_dtype: str | None = None, models: dict | None = None):
+    """A Trainee for one step variant. `models` (the ratio table) keeps one teacher and one student per
+    (quantized, arithmetic) across variants, so that a dozen variants fit in memory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ckaqad.capture import LayerMap
@@ -72,22 +74,27 @@ def build(shape: ModelShape, device: torch.device, loss: str, scheme: str, quant
     from ckaqad.train.checkpointer import CheckpointConfig
     from ckaqad.train.trainer import TrainConfig, Trainee, make_optimizer
 
+    models = {} if models is None else models
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                          num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                          num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
                          max_position_embeddings=max(shape.seq, 2048), tie_word_embeddings=True)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    teacher = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval().requires_grad_(False)
-    # The PTQ student of students.spec.build_ptq_student, calibrated on the benchmark's own batch (random
-    # weights: no data set is involved).
-    student = copy.deepcopy(teacher).float()
-    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if quantized:  # else the plain student: the same loop with no fake quant
-        quantize_model_(student, QuantConfig(scheme=scheme, arithmetic=arithmetic))
-        calibrate(student, [batch])
-    student.train().requires_grad_(True)
+    if "teacher" not in models:
+        models["teacher"] = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+        ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), device=device)
+        models["batch"] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    teacher, batch = models["teacher"], models["batch"]
+    if (quantized, arithmetic) not in models:
+        # The PTQ student of students.spec.build_ptq_student, calibrated on the benchmark's own batch (random
+        # weights: no data set is involved).
+        student = copy.deepcopy(teacher).float()
+        if quantized:  # else the plain student: the same loop with no fake quant
+            quantize_model_(student, QuantConfig(scheme=scheme, arithmetic=arithmetic))
+            calibrate(student, [batch])
+        models[quantized, arithmetic] = student.train().requires_grad_(True)
+    student = models[quantized, arithmetic]
     dtype_field = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
     train_cfg = TrainConfig(steps=1000, batch_size=shape.batch, cka_tokens=shape.cka_tokens, progress=False,
                             **dtype_field)
@@ -233,9 +240,10 @@ def main_distributed(args) -> dict:
 
 # One layer of SmolLM2 (up_proj: 576 -> 1536) on 512 tokens: the issue's yardstick for the fake quant's cost.
 LAYER_IN, LAYER_OUT, LAYER_TOKENS = 576, 1536, 512
-# The ratio table's default CPU model: SmolLM2 width with 12 blocks, so the decoder blocks (not the 49152-row
-# head) carry most of the FLOPs as in the 30-block model, at a step that takes seconds on 2 cores.
-CPU_RATIO = ModelShape("SmolLM2 width, 12 layers", 576, 1536, 12, 9, 3, 49152, 2, 128, 128)
+# The ratio table's default CPU model: SmolLM2 width with 8 blocks, so the decoder blocks carry as many FLOPs as
+# the 49152-row head (in the 30-block model they carry 4x), at a step that takes seconds on 2 cores and
+# three students (plain, reference W4A4, runtime W4A4) with AdamW state in about 4 GB.
+CPU_RATIO = ModelShape("SmolLM2 width, 8 layers", 576, 1536, 8, 9, 3, 49152, 2, 128, 128)
 SHAPES["cpu-ratio"] = CPU_RATIO
 
 
@@ -281,9 +289,10 @@ def measure_layer(device: torch.device, rounds: int) -> list[dict]:
 def step_candidates(shape: ModelShape, device: torch.device) -> dict[str, tuple]:
     """name -> (build keyword arguments, loss): the plain and the W4A4 step in fp32 and (where the trainer has
     it) bf16, KL-QAD and CKA-QAD."""
-    rows = {"plain fp32 kl": (dict(quantized=False), "kl"),
-            "w4a4 fp32 kl": (dict(), "kl"),
-            "w4a4 fp32 kl+cka": (dict(), "kl+cka")}
+    fp32 = {"compute_dtype": "float32"} if bf16_step_supported() else {}  # (older trees: fp32 is the CPU default)
+    rows = {"plain fp32 kl": (dict(quantized=False, **fp32), "kl"),
+            "w4a4 fp32 kl": (dict(fp32), "kl"),
+            "w4a4 fp32 kl+cka": (dict(fp32), "kl+cka")}
     if bf16_step_supported():
         rows |= {"plain bf16 kl": (dict(quantized=False, compute_dtype="bfloat16"), "kl"),
                  "w4a4 bf16 kl": (dict(arithmetic="runtime", compute_dtype="bfloat16"), "kl"),
@@ -297,8 +306,9 @@ def measure_steps(shape: ModelShape, device: torch.device, rounds: int) -> dict[
     from ckaqad.train.trainer import autocast, make_captures, train_step
 
     fns: dict[str, Callable[[], object]] = {}
+    models: dict = {}
     for name, (kwargs, loss) in step_candidates(shape, device).items():
-        trainee, batch, _ = build(shape, device, loss, "w4a4", **kwargs)
+        trainee, batch, _ = build(shape, device, loss, "w4a4", **kwargs, models=models)
         captures = make_captures(trainee)
         step = [0]
 

@@ -95,6 +95,14 @@ def compiled(name: str) -> Callable:
     return torch.compile(body, dynamic=True, options=_COMPILE_OPTIONS)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as (rows, K), rows marked unbacked: one compiled graph per function and dtype serves every shape
+    (no recompile for a rank or for 0/1-row tensors, which dynamic shapes would otherwise specialise)."""
+    rows = x.reshape(-1, x.shape[-1])
+    torch._dynamo.decorators.mark_unbacked(rows, 0)
+    return rows
+
+
 def _own_amax(x: torch.Tensor, global_amax) -> torch.Tensor:
     if global_amax is None:
         return x.abs().amax().to(torch.float32)
@@ -103,27 +111,28 @@ def _own_amax(x: torch.Tensor, global_amax) -> torch.Tensor:
 
 def nvfp4_fake_quantize(x: torch.Tensor, global_amax=None) -> torch.Tensor:
     nvfp4.check_blockable(x)
-    return compiled("nvfp4")(x, _own_amax(x, global_amax))
+    return compiled("nvfp4")(_rows(x), _own_amax(x, global_amax)).reshape(x.shape)
 
 
 def mxfp4_fake_quantize(x: torch.Tensor, global_amax=None) -> torch.Tensor:
     nvfp4.check_blockable(x, mxfp4.BLOCK_SIZE, "MXFP4")
-    return compiled("mxfp4")(x)
+    return compiled("mxfp4")(_rows(x)).reshape(x.shape)
 
 
 def int4_fake_quantize(x: torch.Tensor, global_amax=None) -> torch.Tensor:
     nvfp4.check_blockable(x, int4.BLOCK_SIZE, "INT4")
-    return compiled("int4")(x)
+    return compiled("int4")(_rows(x)).reshape(x.shape)
 
 
 def runtime_fake_quantize(x: torch.Tensor, global_scale) -> torch.Tensor:
     nvfp4.check_blockable(x, nvfp4.BLOCK_SIZE, "NVFP4 runtime")
-    return compiled("runtime-input")(x, torch.as_tensor(global_scale, dtype=torch.float32, device=x.device))
+    G = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device)
+    return compiled("runtime-input")(_rows(x), G).reshape(x.shape)
 
 
 def runtime_weight(w: torch.Tensor, global_amax) -> torch.Tensor:
     nvfp4.check_blockable(w)
-    return compiled("runtime-weight")(w, _own_amax(w, global_amax))
+    return compiled("runtime-weight")(_rows(w), _own_amax(w, global_amax)).reshape(w.shape)
 
 
 FUNCTIONS: dict[str, Callable] = {"nvfp4": nvfp4_fake_quantize, "mxfp4": mxfp4_fake_quantize,

@@ -168,7 +168,64 @@ def _vllm_weight(w: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
 SERVED_FUNCTIONS = {"runtime": (_runtime_input, _runtime_weight), "vllm-emulation": (_vllm_input, _vllm_weight)}
 
 
-class QuantLinear(nn.Module):
+class _HeldStraightThrough(torch.autograd.Function):
+    """Returns a fake-quantized weight computed earlier in the step; the backward passes the gradient to the
+    master weight, masked where the held clip mask says so: the same gradient as `ste.straight_through`."""
+
+    @staticmethod
+    def forward(ctx, weight, held, inside):
+        ctx.has_mask = inside is not None
+        if ctx.has_mask:
+            ctx.save_for_backward(inside)
+        return held.view_as(held)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.has_mask:
+            (inside,) = ctx.saved_tensors
+            grad = grad * inside
+        return grad, None, None
+
+
+class StepQuantizedWeights:
+    """Mixin: quantize each weight once per optimizer step, not once per micro-batch forward.
+
+    Between `begin_step_cache()` and `end_step_cache()` (`apply.weights_quantized_once_per_step`, which the
+    trainer opens around a step's micro-batches and closes before the optimizer step), `step_quantized(key,
+    weight, ...)` fake-quantizes `weight` on its first call, without autograd, and returns the held values on
+    every call, linked to `weight` by a straight-through node: the gradients equal the uncached path's
+    (tests/quant/test_step_cache.py). Outside the block it fake-quantizes every call, as before. A module kind
+    with other weights (fused experts) inherits this, calls `step_quantized` per weight tensor, and is
+    picked up by the same context.
+    """
+
+    _step_held: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+    def begin_step_cache(self) -> None:
+        self._step_held = {}
+
+    def end_step_cache(self) -> None:
+        self._step_held = None
+
+    def step_quantized(self, key: str, weight: torch.Tensor, fake_quantize, clip: bool = False,
+                       clip_amax=lambda: None) -> torch.Tensor:
+        """`fake_quantize(weight)` (straight-through), computed once per step while the cache is open. With
+        `clip`, the held gradient mask is |weight| <= `clip_amax()` (None: the weight's own amax), as in
+        `ste.straight_through`."""
+        if self._step_held is None or not torch.is_grad_enabled():
+            return fake_quantize(weight)
+        if key not in self._step_held:
+            with torch.no_grad():
+                w = weight.detach()
+                held = fake_quantize(w)
+                amax = clip_amax() if clip else None
+                inside = (w.abs() <= (w.abs().amax() if amax is None else amax)) if clip else None
+            self._step_held[key] = (held, inside)
+        held, inside = self._step_held[key]
+        return _HeldStraightThrough.apply(weight, held, inside)
+
+
+class QuantLinear(StepQuantizedWeights, nn.Module):
     """A Linear whose weight (and, for W4A4, input) is fake-quantized in the forward pass.
 
     Shares the wrapped Linear's parameters. Buffers: `input_amax` (calibrated, W4A4 with a calibrated
@@ -249,7 +306,10 @@ class QuantLinear(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         if self._held_weight is not None:
             return self._held_weight
-        return self._fake_quantize_weight(self.weight)
+        if self._step_held is None:
+            return self._fake_quantize_weight(self.weight)
+        return self.step_quantized("weight", self.weight, self._fake_quantize_weight, self.clip_gradient,
+                                   self.weight_global_amax)
 
     @torch.no_grad()
     def hold_quantized_weight(self) -> None:
@@ -278,6 +338,10 @@ class QuantLinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.arithmetic in SERVED_FUNCTIONS and torch.is_autocast_enabled(x.device.type):
+            # Under bf16 autocast (--compute-dtype) the served model's input quantizer sees bf16
+            # activations; give it those, not the fp32 residual-stream values autocast would round later.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         return F.linear(self.quantized_input(x), self.quantized_weight().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

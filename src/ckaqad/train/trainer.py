@@ -32,6 +32,8 @@ from ckaqad.objectives.compose import TERM_FIELDS, Composite
 from ckaqad.parallel.dist import World, peer_failures_as_errors
 from ckaqad.parallel.fsdp import unsharded
 from ckaqad.paths import RunDir
+from ckaqad.quant.apply import weights_quantized_once_per_step
+from ckaqad.registry import unknown_name
 from ckaqad.train.checkpointer import CheckpointConfig, CheckpointManager
 from ckaqad.train.metrics import MetricsLog
 from ckaqad.train.schedule import warmup_cosine
@@ -71,6 +73,10 @@ class TrainConfig:
     """stop after this many consecutive steps with a non-finite loss"""
     progress: bool = True
     """show a progress bar"""
+    compute_dtype: str = "auto"
+    """matmul precision of teacher and student: auto (bf16 on CUDA and AMX CPUs, fp32 otherwise), float32, bfloat16"""
+    quantize_once_per_step: bool = True
+    """fake-quantize each weight once per optimizer step, reused by every micro-batch (same gradients)"""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -82,6 +88,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.n_sink < 0:
             raise ConfigError("--warmup-steps, --eval-every and --n-sink must be >= 0")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise unknown_name("compute dtype (--compute-dtype)", self.compute_dtype, COMPUTE_DTYPES)
 
 
 @dataclass
@@ -139,9 +147,31 @@ def make_optimizer(student: nn.Module, config: TrainConfig
     return optimizer, scheduler
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (the teacher's deployment precision), plain FP32 on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def cpu_has_bf16_matrix_units() -> bool:
+    """The CPU multiplies bf16 matrices faster than fp32 ones: AMX (amx_bf16 in /proc/cpuinfo). AVX-512-bf16
+    alone does not count: on the project's box (avx512_bf16, no AMX) a SmolLM2 layer's bf16 GEMM took 2.6x
+    its fp32 GEMM (docs/benchmarks.md#bf16-on-cpu)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def bf16_compute(device: torch.device, compute_dtype: str = "auto") -> bool:
+    """Whether teacher and student run under bf16 autocast for this device and `--compute-dtype`."""
+    if compute_dtype != "auto":
+        return compute_dtype == "bfloat16"
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matrix_units())
+
+
+def autocast(device: torch.device, compute_dtype: str = "auto"):
+    """bf16 autocast on CUDA (the teacher's deployment precision) and wherever `compute_dtype` asks for it,
+    plain FP32 otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute(device, compute_dtype))
 
 
 # -------------------------------------------------------------------------------------------- one step
@@ -188,9 +218,9 @@ def micro_step(trainee: Trainee, batch: dict, rows: torch.Tensor, captures: Capt
     """Forward both models on one micro-batch (this rank's slice under torchrun) and evaluate the objective
     (tensors only)."""
     captures.set_rows(rows)
-    with torch.no_grad(), autocast(trainee.device):
+    with torch.no_grad(), autocast(trainee.device, trainee.config.compute_dtype):
         t_logits = trainee.teacher(**batch).logits
-    with autocast(trainee.device):
+    with autocast(trainee.device, trainee.config.compute_dtype):
         s_logits = trainee.student(**batch).logits
     s_states, t_states = captures.paired_states()
     return trainee.objective(ForwardOutputs(s_logits, t_logits, batch, s_states, t_states, row_counts))
@@ -230,14 +260,19 @@ def train_step(trainee: Trainee, step: int, data_iter: Iterator[dict], captures:
         torch.cuda.reset_peak_memory_stats(device)
     micro_parts: list[LossParts] = []
     tokens = 0
-    for micro in range(cfg.grad_accum):
-        batch = next(data_iter)  # the global micro-batch, on the CPU
-        tokens += batch["input_ids"].numel()
-        local, rows, counts = local_micro_batch(trainee, batch, sample_rows(trainee, batch, step, micro))
-        parts = micro_step(trainee, local, rows, captures, counts)
-        # A non-finite loss gives non-finite gradients; the single check below skips the update.
-        (parts.loss / cfg.grad_accum).backward()
-        micro_parts.append(parts)
+    # Each weight is fake-quantized once for all micro-batches; the held copies are dropped before the
+    # optimizer step changes the weights. Not under FSDP: holding every layer's full quantized weight
+    # across micro-batches would undo the sharding.
+    once = cfg.quantize_once_per_step and not trainee.world.distributed
+    with weights_quantized_once_per_step(trainee.student) if once else contextlib.nullcontext():
+        for micro in range(cfg.grad_accum):
+            batch = next(data_iter)  # the global micro-batch, on the CPU
+            tokens += batch["input_ids"].numel()
+            local, rows, counts = local_micro_batch(trainee, batch, sample_rows(trainee, batch, step, micro))
+            parts = micro_step(trainee, local, rows, captures, counts)
+            # A non-finite loss gives non-finite gradients; the single check below skips the update.
+            (parts.loss / cfg.grad_accum).backward()
+            micro_parts.append(parts)
     params = [p for p in trainee.student.parameters() if p.grad is not None]
     if cfg.max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
