@@ -8,6 +8,14 @@ the same process (bf16 8192³ on GPU, fp32 1024³ on CPU).
 
     python benchmarks/bench_step.py [--json out.json] [--shape NAME]  # GPU: SmolLM2-135M, 1B Llama; CPU: small
 
+Ratio mode (`--ratios`, issue 23): the plain step (no fake quant), the fp32 W4A4 step and the bf16 W4A4 step
+(`--compute-dtype bfloat16`, runtime arithmetic), KL and KL+CKA, and the student's forward+backward alone, all
+built in one process (one teacher, one student per arithmetic) and timed in alternating rounds, printed with
+their ratios to the plain step of the same dtype; before them, the fake quants of one SmolLM2 layer (1536x576
+weight, 512 tokens) against that layer's GEMM. It runs on older trees too (bf16 rows: n/a):
+
+    python benchmarks/bench_step.py --ratios [--repeats 5] [--shape cpu-ratio] [--json out.json]
+
 Distributed mode (`--distributed`): the same step under FSDP2 (parallel/fsdp.py: student sharded per block,
 teacher replicated), the batch being the global batch split over the processes; tokens/s of the whole job,
 and per rank the peak memory (CUDA: max_memory_allocated; CPU: the process's peak RSS, VmHWM, which includes
@@ -247,6 +255,16 @@ CPU_RATIO = ModelShape("SmolLM2 width, 8 layers", 576, 1536, 8, 9, 3, 49152, 2, 
 SHAPES["cpu-ratio"] = CPU_RATIO
 
 
+def cpu_bf16_units() -> str:
+    """The CPU's bf16 matrix instructions from /proc/cpuinfo: amx_bf16, avx512_bf16, or none."""
+    try:
+        flags = next((line.split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "+".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none"
+
+
 def bf16_step_supported() -> bool:
     """The trainer has a compute dtype (bf16 autocast on CPU); older trees report the bf16 rows as n/a."""
     from ckaqad.train.trainer import TrainConfig
@@ -336,6 +354,7 @@ def main_ratios(args) -> dict:
         shape = ModelShape("tiny", 64, 128, 2, 4, 2, 512, 2, 32, 32)
     rounds = 2 if args.quick else args.repeats
     header = {**device_header(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "bf16_units": cpu_bf16_units(),
               "model": shape.name, "batch": f"{shape.batch}x{shape.seq}"}
     layer = measure_layer(device, rounds)
     print_table("Fake quant of one layer against its GEMM (1536x576 weight, 512 tokens)", header,

@@ -73,7 +73,7 @@ class Config:
     arithmetic: str = "reference"
     """student arithmetic: reference (ckaqad's), runtime (compressed-tensors' served forward) or vllm-emulation"""
     compute_dtype: str = "auto"
-    """matmul precision: auto (bf16 on CUDA and AMX CPUs, fp32 otherwise), float32 or bfloat16"""
+    """matmul precision: auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16"""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 0 or self.seq_len < 0 or self.lr < 0:

@@ -74,7 +74,7 @@ class TrainConfig:
     progress: bool = True
     """show a progress bar"""
     compute_dtype: str = "auto"
-    """matmul precision of teacher and student: auto (bf16 on CUDA and AMX CPUs, fp32 otherwise), float32, bfloat16"""
+    """matmul precision of teacher and student: auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16"""
     quantize_once_per_step: bool = True
     """fake-quantize each weight once per optimizer step, reused by every micro-batch (same gradients)"""
 
@@ -150,22 +150,14 @@ def make_optimizer(student: nn.Module, config: TrainConfig
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 
-def cpu_has_bf16_matrix_units() -> bool:
-    """The CPU multiplies bf16 matrices faster than fp32 ones: AMX (amx_bf16 in /proc/cpuinfo). AVX-512-bf16
-    alone does not count: on the project's box (avx512_bf16, no AMX) a SmolLM2 layer's bf16 GEMM took 2.6x
-    its fp32 GEMM (docs/benchmarks.md#bf16-on-cpu)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
-    except OSError:
-        return False
-
-
 def bf16_compute(device: torch.device, compute_dtype: str = "auto") -> bool:
-    """Whether teacher and student run under bf16 autocast for this device and `--compute-dtype`."""
+    """Whether teacher and student run under bf16 autocast for this device and `--compute-dtype`: `auto` is
+    bf16 on CUDA and fp32 on CPU. On the project's CPU (AVX-512-bf16, no AMX) a SmolLM2 layer's bf16 GEMM
+    takes 1.5-2.6x its fp32 GEMM (docs/benchmarks.md#5-the-quantized-step-against-the-plain-step), so bf16 is
+    a choice there (`bfloat16`), not the default."""
     if compute_dtype != "auto":
         return compute_dtype == "bfloat16"
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matrix_units())
+    return device.type == "cuda"
 
 
 def autocast(device: torch.device, compute_dtype: str = "auto"):
