@@ -28,7 +28,9 @@ building the models) and the bytes of its student shards, gradients and AdamW st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -304,38 +306,64 @@ def measure_layer(device: torch.device, rounds: int) -> list[dict]:
     return [{"what": name, "ms": t * 1e3, "vs_fp32_gemm": t / gemm} for name, t in times.items()]
 
 
-def step_candidates(shape: ModelShape, device: torch.device) -> dict[str, tuple]:
+def fused_cpu_path_present() -> bool:
+    """This tree has the compiled CPU fake quant (formats/cpu_fused.py), switchable per call."""
+    from ckaqad.formats import backends
+
+    return hasattr(backends, "cpu_fused_mode")
+
+
+@contextlib.contextmanager
+def reference_fake_quant():
+    """The references instead of the fused CPU path, for the duration (CKAQAD_CPU_FUSED is read per call)."""
+    old = os.environ.get("CKAQAD_CPU_FUSED")
+    os.environ["CKAQAD_CPU_FUSED"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["CKAQAD_CPU_FUSED"]
+        else:
+            os.environ["CKAQAD_CPU_FUSED"] = old
+
+
+def step_candidates(shape: ModelShape, device: torch.device, with_bf16: bool = True) -> dict[str, tuple]:
     """name -> (build keyword arguments, loss): the plain and the W4A4 step in fp32 and (where the trainer has
     it) bf16, KL-QAD and CKA-QAD."""
     fp32 = {"compute_dtype": "float32"} if bf16_step_supported() else {}  # (older trees: fp32 is the CPU default)
     rows = {"plain fp32 kl": (dict(quantized=False, **fp32), "kl"),
             "w4a4 fp32 kl": (dict(fp32), "kl"),
             "w4a4 fp32 kl+cka": (dict(fp32), "kl+cka")}
-    if bf16_step_supported():
+    if fused_cpu_path_present():
+        rows["w4a4 fp32 kl, reference fq"] = (dict(fp32), "kl")
+    if bf16_step_supported() and with_bf16:
         rows |= {"plain bf16 kl": (dict(quantized=False, compute_dtype="bfloat16"), "kl"),
                  "w4a4 bf16 kl": (dict(arithmetic="runtime", compute_dtype="bfloat16"), "kl"),
                  "w4a4 bf16 kl+cka": (dict(arithmetic="runtime", compute_dtype="bfloat16"), "kl+cka")}
     return rows
 
 
-def measure_steps(shape: ModelShape, device: torch.device, rounds: int) -> dict[str, float]:
+def measure_steps(shape: ModelShape, device: torch.device, rounds: int, with_bf16: bool = True) -> dict[str, float]:
     """Median seconds of a full `train_step` and of the student's forward+backward alone, every variant built
     in this process and timed in alternating rounds."""
     from ckaqad.train.trainer import autocast, make_captures, train_step
 
     fns: dict[str, Callable[[], object]] = {}
     models: dict = {}
-    for name, (kwargs, loss) in step_candidates(shape, device).items():
+    for name, (kwargs, loss) in step_candidates(shape, device, with_bf16).items():
         trainee, batch, _ = build(shape, device, loss, "w4a4", **kwargs, models=models)
         captures = make_captures(trainee)
         step = [0]
 
-        def one_step(trainee=trainee, batch=batch, captures=captures, step=step):
-            train_step(trainee, step[0], iter([batch]), captures)
+        mode = reference_fake_quant if name.endswith("reference fq") else contextlib.nullcontext
+
+        def one_step(trainee=trainee, batch=batch, captures=captures, step=step, mode=mode):
+            with mode():
+                train_step(trainee, step[0], iter([batch]), captures)
             step[0] += 1
 
         fns[f"step {name}"] = one_step
-        if loss == "kl":
+        if loss == "kl" and not name.endswith("reference fq"):
             def fwd_bwd(trainee=trainee, batch=batch):
                 dtype = {"compute_dtype": trainee.config.compute_dtype} if bf16_step_supported() else {}
                 with autocast(trainee.device, **dtype):
@@ -359,13 +387,15 @@ def main_ratios(args) -> dict:
     layer = measure_layer(device, rounds)
     print_table("Fake quant of one layer against its GEMM (1536x576 weight, 512 tokens)", header,
                 ["what", "ms", "x fp32 GEMM"], [[r["what"], r["ms"], r["vs_fp32_gemm"]] for r in layer])
-    times = measure_steps(shape, device, rounds)
+    times = measure_steps(shape, device, rounds, with_bf16=not args.no_bf16)
     rows, steps = [], []
     for name, seconds in times.items():
         kind, _, variant = name.partition(" ")
         dtype = "bf16" if "bf16" in variant else "fp32"
         plain = times.get(f"{kind} plain {dtype}" + (" kl" if kind == "step" else ""))
         kl = times.get(name.replace("kl+cka", "kl")) if "kl+cka" in name else None
+        if name.endswith("reference fq"):  # the same step with the references: against the fused one
+            kl = times.get(name.removesuffix(", reference fq"))
         record = {"what": name, "ms": seconds * 1e3, "vs_plain_same_dtype": seconds / plain if plain else None,
                   "vs_kl": seconds / kl if kl else None}
         steps.append(record)
@@ -374,7 +404,7 @@ def main_ratios(args) -> dict:
     if not bf16_step_supported():
         rows.append(["bf16 rows", "n/a: no --compute-dtype in this tree", "", ""])
     print_table("Plain vs quantized step, side by side", header,
-                ["what", "ms", "x plain (same dtype)", "x KL-QAD"], rows)
+                ["what", "ms", "x plain (same dtype)", "x KL-QAD (ref fq: x fused)"], rows)
     payload = {"header": header, "layer": layer, "steps": steps}
     write_json(args.json, payload)
     return payload
@@ -390,6 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="model shape(s) to run (default: smollm2 and llama-1b on GPU, cpu-small on CPU)")
     parser.add_argument("--distributed", action="store_true",
                         help="FSDP2 across the processes of this launch (torchrun), or 1 plain process")
+    parser.add_argument("--no-bf16", action="store_true", help="--ratios without the bf16 rows (less memory)")
     parser.add_argument("--ratios", action="store_true",
                         help="plain vs fp32/bf16 W4A4 step and fake quant vs GEMM, side by side (the fast-step table)")
     args = parser.parse_args(argv)
