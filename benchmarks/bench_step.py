@@ -301,7 +301,7 @@ def layer_candidates(device: torch.device) -> dict[str, Callable[[], object]]:
 
 def measure_layer(device: torch.device, rounds: int) -> list[dict]:
     with torch.no_grad():
-        times = time_interleaved(layer_candidates(device), device, warmup=3, rounds=rounds * 4)
+        times = time_interleaved(layer_candidates(device), device, warmup=3 if rounds > 2 else 1, rounds=rounds)
     gemm = times["GEMM fp32 (512x576 @ 576x1536)"]
     return [{"what": name, "ms": t * 1e3, "vs_fp32_gemm": t / gemm} for name, t in times.items()]
 
@@ -384,7 +384,7 @@ def main_ratios(args) -> dict:
     header = {**device_header(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "bf16_units": cpu_bf16_units(),
               "model": shape.name, "batch": f"{shape.batch}x{shape.seq}"}
-    layer = measure_layer(device, rounds)
+    layer = measure_layer(device, rounds if args.quick else 4 * rounds)
     print_table("Fake quant of one layer against its GEMM (1536x576 weight, 512 tokens)", header,
                 ["what", "ms", "x fp32 GEMM"], [[r["what"], r["ms"], r["vs_fp32_gemm"]] for r in layer])
     times = measure_steps(shape, device, rounds, with_bf16=not args.no_bf16)
