@@ -153,7 +153,7 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 def bf16_compute(device: torch.device, compute_dtype: str = "auto") -> bool:
     """Whether teacher and student run under bf16 autocast for this device and `--compute-dtype`: `auto` is
     bf16 on CUDA and fp32 on CPU. On the project's CPU (AVX-512-bf16, no AMX) a SmolLM2 layer's bf16 GEMM
-    takes 1.5-2.6x its fp32 GEMM (docs/benchmarks.md#5-the-quantized-step-against-the-plain-step), so bf16 is
+    takes 1.5-2.6x its fp32 GEMM (docs/benchmarks.md §5), so bf16 is
     a choice there (`bfloat16`), not the default."""
     if compute_dtype != "auto":
         return compute_dtype == "bfloat16"
