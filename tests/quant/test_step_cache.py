@@ -5,18 +5,26 @@ copies dropped before the optimizer changes the weights."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_tiny_model
+from moe_helpers import make_tiny_moe
 
 from ckaqad.capture import LayerMap
 from ckaqad.formats import nvfp4
 from ckaqad.objectives.compose import Composite, ObjectiveConfig
 from ckaqad.paths import RunDir
-from ckaqad.quant.apply import calibrate, quant_linears, quantize_model_, weights_quantized_once_per_step
+from ckaqad.quant.apply import (
+    calibrate,
+    quant_experts,
+    quant_linears,
+    quantize_model_,
+    weights_quantized_once_per_step,
+)
 from ckaqad.quant.linear import QuantConfig
 from ckaqad.train.checkpointer import CheckpointConfig
 from ckaqad.train.trainer import TrainConfig, Trainee, make_captures, make_optimizer, train_step
@@ -117,3 +125,33 @@ def test_the_gradient_through_the_held_weight_equals_the_straight_through_one():
     with torch.no_grad(), weights_quantized_once_per_step(model):  # no grad: no holding (evaluations hold their own)
         layer(xs[0])
         assert layer._step_held == {}
+
+
+@pytest.mark.parametrize("quant", [dict(scheme="w4a16"),
+                                   dict(scheme="w4a16", clip_gradient=True, weight_global="frozen")],
+                         ids=["plain", "clipped-frozen"])
+def test_fused_experts_hold_their_weights_with_the_same_gradients(quant):
+    """The mixin on the second module kind (quant/experts.py): two micro-batches through held expert weights
+    accumulate exactly the gradients of quantizing at every forward, and each weight is held once."""
+    grads = []
+    for once in (True, False):
+        model = make_tiny_moe("qwen3_moe")
+        quantize_model_(model, QuantConfig(**quant))
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+        calibrate(model, [{"input_ids": ids}])
+        model.train().requires_grad_(True)
+        experts = quant_experts(model)
+        assert experts
+        if quant.get("clip_gradient"):  # frozen amaxes below the weights' own, so the clip mask has zeros
+            for m in experts.values():
+                for param in m.layout.fused:
+                    m._buffers[f"{param}_weight_amax"].mul_(0.5)
+        with weights_quantized_once_per_step(model) if once else contextlib.nullcontext():
+            for micro in range(2):
+                model(input_ids=ids.roll(micro, 1), labels=ids).loss.backward()
+            if once:
+                assert all(set(m._step_held) == set(m.layout.fused) for m in experts.values())
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    if quant.get("clip_gradient"):
+        assert any((g == 0).any() for g in grads[0])
