@@ -74,3 +74,17 @@ def write_json(path: str | None, payload: dict) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False))
         print(f"wrote {path}")
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 1,
+                     rounds: int = 5) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternating rounds (a, b, c, a, b, c, ...) so that a
+    load change on a shared machine hits every candidate alike; the ratios between them are the result."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(time_fn(fn, device, warmup=0, repeats=1))
+    return {name: statistics.median(values) for name, values in times.items()}

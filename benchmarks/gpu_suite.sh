@@ -4,7 +4,8 @@
 #
 #   part a  the fused Triton NVFP4 kernel bit-exact with the reference on the device (its test, CUDA case);
 #           bench_fakequant.py (GB/s against copy bandwidth); bench_step.py, KL-QAD vs CKA-QAD step time,
-#           tokens/s, MFU and peak memory (max_memory_allocated) on the SmolLM2 and Llama-1B shapes;
+#           tokens/s, MFU and peak memory (max_memory_allocated) on the SmolLM2 and Llama-1B shapes; the plain
+#           vs quantized step ratios (bench_step.py --ratios: fp32 and bf16 W4A4 against the plain step);
 #           and it keeps the GGUF's first half in /tmp for part b.
 #   part b  the embedded SmolLM2-135M joined again; a short real-model CKA-QAD distill on the GPU (its
 #           summary.json holds the step time and peak memory) beside `ckaqad plan`'s estimate for the same
@@ -63,6 +64,9 @@ case "$part" in
       tests/formats/test_backends.py -k "$DEVICE or not cpu"
     step bench-fakequant 120 $PY benchmarks/bench_fakequant.py --json "$OUT/fakequant.json" "${fq_args[@]}"
     step bench-step 240 $PY benchmarks/bench_step.py --json "$OUT/step.json" "${st_args[@]}"
+    # issue 23: the plain step against the fp32 and bf16 W4A4 steps, and fake quant against its GEMM, side by side
+    step bench-step-ratios 240 $PY benchmarks/bench_step.py --ratios --repeats 3 --json "$OUT/step-ratios.json" \
+      "${st_args[@]}"
     if [ -f .device/model-a/part_aa ]; then cp .device/model-a/part_aa "$STASH/part_aa"; fi
     ;;
   b)

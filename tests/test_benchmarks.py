@@ -152,6 +152,39 @@ def test_step_quick_table_and_json(tmp_path, capsys, no_cuda):
     assert [row.split()[2] for row in lines[3:5]] == ["kl", "kl+cka"]
 
 
+def test_step_ratios_quick_table_and_json(tmp_path, capsys, no_cuda):
+    """--ratios: every step variant and the layer's fake quants, each ratio the quotient of two timed medians
+    from the same run (plain of the same dtype; CKA-QAD over KL-QAD; the reference fake quant over the fused)."""
+    bench = load_script("bench_step")
+    path = tmp_path / "ratios.json"
+    payload = bench.main(["--ratios", "--quick", "--json", str(path)])
+    assert strict_json(path)["steps"] == payload["steps"]
+    layer = {r["what"]: r for r in payload["layer"]}
+    gemm = layer["GEMM fp32 (512x576 @ 576x1536)"]
+    for r in layer.values():
+        assert positive_finite(r["ms"]) and r["vs_fp32_gemm"] == pytest.approx(r["ms"] / gemm["ms"])
+    steps = {r["what"]: r for r in payload["steps"]}
+    assert set(steps) == {f"{kind} {variant}" for kind, variant in
+                          [("step", "plain fp32 kl"), ("fwd+bwd", "plain fp32"), ("step", "w4a4 fp32 kl"),
+                           ("fwd+bwd", "w4a4 fp32"), ("step", "w4a4 fp32 kl+cka"),
+                           ("step", "w4a4 fp32 kl, reference fq"), ("step", "plain bf16 kl"),
+                           ("fwd+bwd", "plain bf16"), ("step", "w4a4 bf16 kl"), ("fwd+bwd", "w4a4 bf16"),
+                           ("step", "w4a4 bf16 kl+cka")]}
+    for dtype in ("fp32", "bf16"):
+        plain = steps[f"step plain {dtype} kl"]["ms"]
+        kl = steps[f"step w4a4 {dtype} kl"]
+        assert kl["vs_plain_same_dtype"] == pytest.approx(kl["ms"] / plain)
+        assert steps[f"step w4a4 {dtype} kl+cka"]["vs_kl"] == pytest.approx(
+            steps[f"step w4a4 {dtype} kl+cka"]["ms"] / kl["ms"])
+        fwd = steps[f"fwd+bwd w4a4 {dtype}"]
+        assert fwd["vs_plain_same_dtype"] == pytest.approx(fwd["ms"] / steps[f"fwd+bwd plain {dtype}"]["ms"])
+    ref = steps["step w4a4 fp32 kl, reference fq"]
+    assert ref["vs_kl"] == pytest.approx(ref["ms"] / steps["step w4a4 fp32 kl"]["ms"])
+    lines = table_lines(capsys.readouterr().out, "Plain vs quantized step, side by side")
+    assert "bf16_units=" in lines[1]
+    assert [row.strip().startswith(name) for row, name in zip(lines[3:], steps, strict=False)] == [True] * len(steps)
+
+
 # -------------------------------------------------------------------------------------------- rl_seeds
 
 

@@ -70,6 +70,10 @@ class Config:
     """the recovery demo instead: damage the teacher (--recovery-kinds), recover each with KL and KL+CKA"""
     recovery_kinds: str = "wanda,forget"
     """damage kinds of the recovery demo, comma-separated: magnitude, wanda, 2:4, drop-blocks, forget, nvfp4"""
+    arithmetic: str = "reference"
+    """student arithmetic: reference (ckaqad's), runtime (compressed-tensors' served forward) or vllm-emulation"""
+    compute_dtype: str = "auto"
+    """matmul precision: auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16"""
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 0 or self.seq_len < 0 or self.lr < 0:
@@ -96,7 +100,7 @@ def run(config: Config) -> dict:
         raise ConfigError(f"--out {out} exists and is not empty; choose another directory")
     if config.recovery:
         return run_recovery(config, out)
-    QuantConfig(format=config.format, scheme=config.scheme)
+    QuantConfig(format=config.format, scheme=config.scheme, arithmetic=config.arithmetic)
     started = time.perf_counter()
     loaded = load_model(config.teacher, device=config.device)
     device = next(loaded.model.parameters()).device
@@ -107,14 +111,14 @@ def run(config: Config) -> dict:
         raise ConfigError(f"--cka-tokens {cfg.cka_tokens} is larger than the {valid} valid tokens of a step "
                           f"({cfg.batch_size} x {cfg.seq_len}, sinks excluded); lower it or raise --batch-size")
     data = DataConfig(data=cfg.data, seq_len=cfg.seq_len)
-    quant = QuantConfig(format=cfg.format, scheme=cfg.scheme)
+    quant = QuantConfig(format=cfg.format, scheme=cfg.scheme, arithmetic=cfg.arithmetic)
     print(f"demo on {device}: {cfg.format} {cfg.scheme}, {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} "
           f"tokens per method, lr {cfg.lr}")
     summaries = {}
     for label, loss in METHODS.items():
         train = TrainConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, cka_tokens=cfg.cka_tokens,
                             eval_every=max(cfg.steps // 3, 1), eval_blocks=min(8, cfg.eval_blocks), seed=cfg.seed,
-                            warmup_steps=max(cfg.steps // 20, 1))
+                            warmup_steps=max(cfg.steps // 20, 1), compute_dtype=cfg.compute_dtype)
         run_cfg = distill.Config(teacher=cfg.teacher, device=cfg.device, out=str(method_dir(out, loss)), train=train,
                                  objective=ObjectiveConfig(loss=loss), quant=quant, data=data,
                                  checkpoint=CheckpointConfig(save_every=cfg.steps, keep_last=1))

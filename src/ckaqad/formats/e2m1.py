@@ -44,3 +44,18 @@ def e2m1_grid(device=None) -> torch.Tensor:
 def e2m1_magnitudes(index: torch.Tensor) -> torch.Tensor:
     """float32 magnitudes of indices 0..7."""
     return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=index.device)[index.long()]
+
+
+def e2m1_round(a: torch.Tensor) -> torch.Tensor:
+    """float32 E2M1 magnitude nearest to `a >= 0`: `e2m1_magnitudes(e2m1_index(a))` as a cascade of selects
+    over the same boundaries (NaN -> 0 as there), with no table gather, so a compiler can fuse it into one
+    loop (formats/cpu_fused.py). Eagerly it is seven passes: the references keep the index form.
+
+    >>> e2m1_round(torch.tensor([0.25, 0.26, 0.75, 2.5, 3.5, 5.0, 7.0])).tolist()
+    [0.0, 0.5, 1.0, 2.0, 4.0, 4.0, 6.0]
+    """
+    magnitude = torch.zeros_like(a, dtype=torch.float32)
+    for (boundary, tie_up), upper in zip(E2M1_BOUNDARIES, E2M1_VALUES[1:], strict=True):
+        above = (a >= boundary) if tie_up else (a > boundary)
+        magnitude = torch.where(above, upper, magnitude)
+    return magnitude

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ckaqad.formats import backends
 from ckaqad.formats.nvfp4 import check_blockable
 from ckaqad.formats.ste import straight_through
 
@@ -51,4 +52,5 @@ def fake_quantize_reference(x: torch.Tensor, global_amax=None) -> torch.Tensor:
 
 def fake_quantize(x: torch.Tensor, global_amax=None, clip_gradient: bool = False) -> torch.Tensor:
     """INT4 quantize-dequantize with a straight-through gradient; same shape and dtype as `x`."""
-    return straight_through(fake_quantize_reference, x, None, clip_gradient)
+    quant_dequant = backends.fast_path("int4", x) or fake_quantize_reference
+    return straight_through(quant_dequant, x, None, clip_gradient)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ckaqad.formats import backends
 from ckaqad.formats.e2m1 import e2m1_grid, e2m1_index, e2m1_magnitudes
 from ckaqad.formats.nvfp4 import check_blockable
 from ckaqad.formats.ste import straight_through
@@ -61,4 +62,5 @@ def fake_quantize_reference(x: torch.Tensor, global_amax=None) -> torch.Tensor:
 
 def fake_quantize(x: torch.Tensor, global_amax=None, clip_gradient: bool = False) -> torch.Tensor:
     """MXFP4 quantize-dequantize with a straight-through gradient; same shape and dtype as `x`."""
-    return straight_through(fake_quantize_reference, x, None, clip_gradient)
+    quant_dequant = backends.fast_path("mxfp4", x) or fake_quantize_reference
+    return straight_through(quant_dequant, x, None, clip_gradient)

@@ -63,6 +63,7 @@ from __future__ import annotations
 import torch
 
 from ckaqad.errors import FormatError
+from ckaqad.formats import backends
 from ckaqad.formats.e2m1 import FP4_MAX, e2m1_index, e2m1_magnitudes
 from ckaqad.formats.nvfp4 import BLOCK_SIZE, FP8_E4M3_MAX, GLOBAL_RANGE, check_blockable
 
@@ -112,6 +113,9 @@ def runtime_fake_quantize(x: torch.Tensor, global_scale: torch.Tensor | float, d
     the checkpoint's `input_global_scale` G = fl32(2688 / amax). Returns `fl(fl32(q * fl32(s8 / G)))` in
     `dtype` (x.dtype by default), same shape as x.
     """
+    fused = backends.fast_path("runtime-input", x)
+    if fused is not None and group_size == BLOCK_SIZE and dtype in (None, x.dtype):
+        return fused(x, global_scale)
     q, _, scale = runtime_quantize(x, global_scale, group_size)
     return (q * scale).flatten(-2).to(dtype or x.dtype)
 

@@ -33,7 +33,7 @@ from ckaqad.models.arch import (
     high_precision_rule,
 )
 from ckaqad.quant.experts import QuantExperts, expert_input_dims, global_amax, quantize_experts_
-from ckaqad.quant.linear import FUSED_SIBLINGS, RECIPES, QuantConfig, QuantLinear, SiblingGroup
+from ckaqad.quant.linear import FUSED_SIBLINGS, RECIPES, QuantConfig, QuantLinear, SiblingGroup, StepQuantizedWeights
 
 
 @dataclass
@@ -411,3 +411,19 @@ def cached_quantized_weights(*models: nn.Module) -> Iterator[None]:
     finally:
         for m in held:
             m.release_quantized_weight()
+
+
+@contextlib.contextmanager
+def weights_quantized_once_per_step(model: nn.Module) -> Iterator[None]:
+    """Every quantized module of `model` (any `StepQuantizedWeights`: QuantLinear, fused experts) quantizes
+    each weight once inside the block and reuses it across the block's forwards, with gradients that equal
+    quantizing per forward. The trainer opens it around the micro-batches of one optimizer step; leaving it
+    (before `optimizer.step()`) drops the held weights, so the next step quantizes the updated ones."""
+    modules = [m for m in model.modules() if isinstance(m, StepQuantizedWeights)]
+    for m in modules:
+        m.begin_step_cache()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.end_step_cache()

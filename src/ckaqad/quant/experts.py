@@ -33,7 +33,7 @@ from ckaqad.formats import CALIBRATED_FORMATS, backends, get_format
 from ckaqad.formats.nvfp4_runtime import pow2_global_amax
 from ckaqad.formats.ste import straight_through
 from ckaqad.models.arch import ExpertsLayout, experts_layout
-from ckaqad.quant.linear import SERVED_FUNCTIONS, QuantConfig
+from ckaqad.quant.linear import SERVED_FUNCTIONS, QuantConfig, StepQuantizedWeights
 
 
 def global_amax(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
@@ -83,7 +83,7 @@ def fake_quantize_expert_weights(weight: torch.Tensor, amax: torch.Tensor | None
     return torch.stack([fmt.fake_quantize(weight[e], amax[e], config.clip_gradient) for e in range(weight.shape[0])])
 
 
-class QuantExperts(nn.Module):
+class QuantExperts(StepQuantizedWeights, nn.Module):
     """Mixin of a fused-experts module whose expert weights (and, for W4A4, expert GEMM inputs) are
     fake-quantized; built only by `quantize_experts_`, which subclasses the module's own class with it.
 
@@ -149,6 +149,9 @@ class QuantExperts(nn.Module):
         """The fake-quantized value of fused parameter `param`, in its stored layout."""
         if self._held is not None:
             return self._held[param]
+        if self._step_held is not None:  # once per optimizer step (linear.StepQuantizedWeights)
+            return self.step_quantized(param, self.master(param), lambda w: self._fake_quantized(param, w),
+                                       self.quant_config.clip_gradient)
         return self._fake_quantized(param, self.master(param))
 
     def _read_projection(self, param: str) -> torch.Tensor:

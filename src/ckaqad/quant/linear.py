@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ckaqad.errors import ConfigError
-from ckaqad.formats import CALIBRATED_FORMATS, FORMATS, get_format, nvfp4
+from ckaqad.formats import CALIBRATED_FORMATS, FORMATS, backends, get_format, nvfp4
 from ckaqad.formats.nvfp4_runtime import (
     pow2_global_amax,
     runtime_dequantize_weight,
@@ -155,6 +155,9 @@ def _runtime_weight(w: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     """The weight compressed-tensors serves for this master weight: ckaqad's codes and block scales (the ones
     the export writes), decompressed as `NVFP4PackedCompressor` does to bf16, and held in w's dtype (exact) so
     that the straight-through gradient reaches a float32 master weight unrounded."""
+    fused = backends.fast_path("runtime-weight", w)
+    if fused is not None:
+        return fused(w, amax)
     q = nvfp4.quantize(w.float(), amax)
     return runtime_dequantize_weight(q.codes, q.block_scales, nvfp4.reciprocal_global_scale(amax),
                                      dtype=torch.bfloat16).to(w.dtype)
@@ -176,7 +179,61 @@ def _vllm_weight(w: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
 SERVED_FUNCTIONS = {"runtime": (_runtime_input, _runtime_weight), "vllm-emulation": (_vllm_input, _vllm_weight)}
 
 
-class QuantLinear(nn.Module):
+class _HeldStraightThrough(torch.autograd.Function):
+    """Returns a fake-quantized weight computed earlier in the step; the backward passes the gradient to the
+    master weight, masked where the held clip mask says so: the same gradient as `ste.straight_through`."""
+
+    @staticmethod
+    def forward(ctx, weight, held, inside):
+        ctx.has_mask = inside is not None
+        if ctx.has_mask:
+            ctx.save_for_backward(inside)
+        return held.view_as(held)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.has_mask:
+            (inside,) = ctx.saved_tensors
+            grad = grad * inside
+        return grad, None, None
+
+
+class StepQuantizedWeights:
+    """Mixin: quantize each weight once per optimizer step, not once per micro-batch forward.
+
+    Between `begin_step_cache()` and `end_step_cache()` (`apply.weights_quantized_once_per_step`, which the
+    trainer opens around a step's micro-batches and closes before the optimizer step), `step_quantized(key,
+    weight, ...)` fake-quantizes `weight` on its first call, without autograd, and returns the held values on
+    every call, linked to `weight` by a straight-through node: the gradients equal the uncached path's
+    (tests/quant/test_step_cache.py). Outside the block it fake-quantizes every call, as before. A module kind
+    with other weights (fused experts) inherits this, calls `step_quantized(key, weight, fake_quantize, clip)`
+    per weight tensor, and is picked up by the same context.
+    """
+
+    _step_held: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+    def begin_step_cache(self) -> None:
+        self._step_held = {}
+
+    def end_step_cache(self) -> None:
+        self._step_held = None
+
+    def step_quantized(self, key: str, weight: torch.Tensor, fake_quantize, clip: bool = False) -> torch.Tensor:
+        """`fake_quantize(weight)` (a straight-through fake quant), computed once per step while the cache is
+        open. With `clip` (a clipped straight-through), its gradient mask is taken from `fake_quantize` itself
+        once, by one backward of ones, so any module kind's mask (per-expert amaxes too) is held exactly."""
+        if self._step_held is None or not torch.is_grad_enabled():
+            return fake_quantize(weight)
+        if key not in self._step_held:
+            w = weight.detach().requires_grad_(clip)
+            held = fake_quantize(w)
+            inside = torch.autograd.grad(held, w, torch.ones_like(held))[0] if clip else None
+            self._step_held[key] = (held.detach(), inside)
+        held, inside = self._step_held[key]
+        return _HeldStraightThrough.apply(weight, held, inside)
+
+
+class QuantLinear(StepQuantizedWeights, nn.Module):
     """A Linear whose weight (and, for W4A4, input) is fake-quantized in the forward pass.
 
     Shares the wrapped Linear's parameters. Buffers: `input_amax` (calibrated, W4A4 with a calibrated
@@ -257,7 +314,9 @@ class QuantLinear(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         if self._held_weight is not None:
             return self._held_weight
-        return self._fake_quantize_weight(self.weight)
+        if self._step_held is None:
+            return self._fake_quantize_weight(self.weight)
+        return self.step_quantized("weight", self.weight, self._fake_quantize_weight, self.clip_gradient)
 
     @torch.no_grad()
     def hold_quantized_weight(self) -> None:
@@ -286,6 +345,10 @@ class QuantLinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.arithmetic in SERVED_FUNCTIONS and torch.is_autocast_enabled(x.device.type):
+            # Under bf16 autocast (--compute-dtype) the served model's input quantizer sees bf16
+            # activations; give it those, not the fp32 residual-stream values autocast would round later.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         return F.linear(self.quantized_input(x), self.quantized_weight().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

@@ -32,6 +32,7 @@ from ckaqad.objectives.compose import Composite
 from ckaqad.parallel.dist import World, peer_failures_as_errors
 from ckaqad.parallel.fsdp import unsharded
 from ckaqad.paths import RunDir
+from ckaqad.quant.apply import weights_quantized_once_per_step
 from ckaqad.registry import unknown_name
 from ckaqad.train.checkpointer import CheckpointConfig, CheckpointManager
 from ckaqad.train.metrics import MetricsLog
@@ -75,6 +76,10 @@ class TrainConfig:
     """show a progress bar"""
     optimizer: str = "adamw"
     """adamw (FP32 moments) or adamw-bf16 (moments stored in bf16: half the optimizer memory)"""
+    compute_dtype: str = "auto"
+    """matmul precision of teacher and student: auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16"""
+    quantize_once_per_step: bool = True
+    """fake-quantize each weight once per optimizer step, reused by every micro-batch (same gradients)"""
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -88,6 +93,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.n_sink < 0:
             raise ConfigError("--warmup-steps, --eval-every and --n-sink must be >= 0")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise unknown_name("compute dtype (--compute-dtype)", self.compute_dtype, COMPUTE_DTYPES)
 
 
 @dataclass
@@ -155,9 +162,23 @@ def make_optimizer(student: nn.Module, config: TrainConfig
     return optimizer, scheduler
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (the teacher's deployment precision), plain FP32 on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def bf16_compute(device: torch.device, compute_dtype: str = "auto") -> bool:
+    """Whether teacher and student run under bf16 autocast for this device and `--compute-dtype`: `auto` is
+    bf16 on CUDA and fp32 on CPU. On the project's CPU (AVX-512-bf16, no AMX) a SmolLM2 layer's bf16 GEMM
+    takes 1.5-2.6x its fp32 GEMM (docs/benchmarks.md §5), so bf16 is
+    a choice there (`bfloat16`), not the default."""
+    if compute_dtype != "auto":
+        return compute_dtype == "bfloat16"
+    return device.type == "cuda"
+
+
+def autocast(device: torch.device, compute_dtype: str = "auto"):
+    """bf16 autocast on CUDA (the teacher's deployment precision) and wherever `compute_dtype` asks for it,
+    plain FP32 otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute(device, compute_dtype))
 
 
 # -------------------------------------------------------------------------------------------- one step
@@ -213,9 +234,9 @@ def micro_step(trainee: Trainee, batch: dict, rows: torch.Tensor, captures: Capt
     """Forward both models on one micro-batch (this rank's slice under torchrun) and evaluate the objective
     (tensors only)."""
     captures.set_rows(rows)
-    with torch.no_grad(), autocast(trainee.device):
+    with torch.no_grad(), autocast(trainee.device, trainee.config.compute_dtype):
         t_logits = trainee.teacher(**batch).logits
-    with autocast(trainee.device):
+    with autocast(trainee.device, trainee.config.compute_dtype):
         s_logits = trainee.student(**batch).logits
     s_states, t_states = captures.paired_states()
     return trainee.objective(ForwardOutputs(s_logits, t_logits, batch, s_states, t_states, row_counts,
@@ -256,14 +277,19 @@ def train_step(trainee: Trainee, step: int, data_iter: Iterator[dict], captures:
         torch.cuda.reset_peak_memory_stats(device)
     micro_parts: list[LossParts] = []
     tokens = 0
-    for micro in range(cfg.grad_accum):
-        batch = next(data_iter)  # the global micro-batch, on the CPU
-        tokens += batch["input_ids"].numel()
-        local, rows, counts = local_micro_batch(trainee, batch, sample_rows(trainee, batch, step, micro))
-        parts = micro_step(trainee, local, rows, captures, counts)
-        # A non-finite loss gives non-finite gradients; the single check below skips the update.
-        (parts.loss / cfg.grad_accum).backward()
-        micro_parts.append(parts)
+    # Each weight is fake-quantized once for all micro-batches; the held copies are dropped before the
+    # optimizer step changes the weights. Not under FSDP: holding every layer's full quantized weight
+    # across micro-batches would undo the sharding.
+    once = cfg.quantize_once_per_step and not trainee.world.distributed
+    with weights_quantized_once_per_step(trainee.student) if once else contextlib.nullcontext():
+        for micro in range(cfg.grad_accum):
+            batch = next(data_iter)  # the global micro-batch, on the CPU
+            tokens += batch["input_ids"].numel()
+            local, rows, counts = local_micro_batch(trainee, batch, sample_rows(trainee, batch, step, micro))
+            parts = micro_step(trainee, local, rows, captures, counts)
+            # A non-finite loss gives non-finite gradients; the single check below skips the update.
+            (parts.loss / cfg.grad_accum).backward()
+            micro_parts.append(parts)
     params = [p for p in trainee.student.parameters() if p.grad is not None]
     if cfg.max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
