@@ -8,6 +8,7 @@ from types import ModuleType
 
 from ckaqad.commands import compare, damage, demo, diagnose, distill, export, recover, rl, study
 from ckaqad.commands import eval as eval_
+from ckaqad.commands import gsm_sem as gsm_sem_
 from ckaqad.commands import plan as plan_
 from ckaqad.registry import Registry
 
@@ -23,3 +24,4 @@ COMMANDS.register("damage", damage)
 COMMANDS.register("recover", recover)
 COMMANDS.register("study", study)
 COMMANDS.register("plan", plan_)
+COMMANDS.register("gsm-sem", gsm_sem_)
