@@ -93,7 +93,8 @@ class Config:
         if "lm-eval" in self.suites and not self.tasks:
             raise ConfigError("--suite lm-eval needs --tasks (and usually --include-path for local tasks)")
         if "gsm-sem" in self.suites and not self.gsm_sem_variants:
-            raise ConfigError("--suite gsm-sem needs --gsm-sem-variants (a gsm-sem generate directory or released files)")
+            raise ConfigError("--suite gsm-sem needs --gsm-sem-variants (a gsm-sem generate directory or the "
+                              "released files)")
         if self.gsm_sem_level not in LEVELS or self.gsm_sem_prompt not in PROMPT_STYLES or self.gsm_sem_max_tokens < 1:
             raise ConfigError(f"--gsm-sem-level must be one of {', '.join(LEVELS)}, --gsm-sem-prompt one of "
                               f"{', '.join(PROMPT_STYLES)}, --gsm-sem-max-tokens >= 1")

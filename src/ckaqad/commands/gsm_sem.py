@@ -51,7 +51,7 @@ class Config:
     modes: str = "facts,backward,entity"
     """generate: comma list of rewrite modes: facts, backward, entity, attribute, relationship"""
     generator: str = "default"
-    """generator model: a local spec (default, a .gguf file, an HF directory) or, with --generator-url, a served model name"""
+    """generator: a local model (default, a .gguf file, an HF directory), or a served model name with --generator-url"""
     generator_url: str | None = None
     """OpenAI-compatible endpoint of the generator (e.g. http://127.0.0.1:8000/v1); None: a local model"""
     api_key_env: str = "OPENAI_API_KEY"
@@ -67,7 +67,7 @@ class Config:
     solves: int = 3
     """independent solves per candidate that passed the judges (their majority must equal the gold)"""
     strictness: str = "max"
-    """generate: retry a (problem, mode) until its candidate reaches this level: none, min, min-med, med, med-max, max"""
+    """generate: retry each (problem, mode) until a candidate reaches this level (none ... max)"""
     max_attempts: int = 3
     """generate: candidates drawn per (problem, mode) at most"""
     temperature: float = 0.8
@@ -81,11 +81,11 @@ class Config:
     level: str = "min-med"
     """score: variants at this level or stricter"""
     models: str = "default"
-    """score: comma list: default, ptq, run / student / export directories, .gguf files, HF directories; the first is the reference of McNemar"""
+    """score: comma list of default, ptq, run/student/export dirs, .gguf, HF dirs (the first: McNemar reference)"""
     teacher: str | None = None
     """score: teacher of ptq and of run / student directories (default: the run's, else the embedded model)"""
     runtime: str = "ckaqad"
-    """score: ckaqad (fake-quant students as trained) or transformers (export directories as transformers serves them)"""
+    """score: ckaqad (fake-quant students as trained) or transformers (exports as transformers serves them)"""
     prompt: str = "8shot"
     """score: 8shot (the standard GSM8K chain-of-thought exemplars) or chat (0-shot, chat template)"""
     max_tokens: int = 256
