@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def generate_args(url: str, tmp_path, out: str, seed: int = 0) -> list[str]:
     return ["gsm-sem", "generate", "--limit", "2", "--modes", "facts,backward", "--generator", "big-model",
-            "--generator-url", url, "--judges", "judge-a,judge-b", "--solver", "solver", "--solves", "3",
+            "--generator-url", url, "--judges", f"judge-a,judge-b@{url}", "--solver", "solver", "--solves", "3",
             "--max-attempts", "2", "--seed", str(seed), "--cache", str(tmp_path / "cache.sqlite"),
             "--no-progress", "--out", str(tmp_path / out)]
 

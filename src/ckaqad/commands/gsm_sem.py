@@ -57,13 +57,13 @@ class Config:
     api_key_env: str = "OPENAI_API_KEY"
     """environment variable holding the endpoint's API key (unset: a placeholder key local servers accept)"""
     judges: str = "default"
-    """comma list of judge models (local specs, or served names at --judge-url)"""
+    """comma list of judges: local specs, served names at --judge-url, or name@URL (a server of its own)"""
     judge_url: str | None = None
     """endpoint of the judges (None: --generator-url; both None: local models)"""
     judge_votes: int = 1
     """votes per judge (more than 1 samples at temperature 0.7; 1 is greedy)"""
     solver: str = "default"
-    """model of the k independent solves (local spec, or served name at --judge-url)"""
+    """model of the k independent solves: local spec, served name at --judge-url, or name@URL"""
     solves: int = 3
     """independent solves per candidate that passed the judges (their majority must equal the gold)"""
     strictness: str = "max"
@@ -141,6 +141,10 @@ def run_generate(config: Config) -> dict:
     judge_url = config.judge_url or config.generator_url
 
     def backend(spec: str, url: str | None) -> CachedBackend:
+        # `name@URL` puts one judge or the solver on its own server (e.g. two judges from two vLLM servers)
+        name, at, own_url = spec.partition("@")
+        if at and own_url.startswith(("http://", "https://")):
+            spec, url = name, own_url
         return CachedBackend(make_backend(spec, url, config.api_key_env, config.device, loaded), cache)
 
     generator = backend(config.generator, config.generator_url)
