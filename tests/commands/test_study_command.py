@@ -198,10 +198,9 @@ def test_the_documented_studies_parse_into_their_grid(spec):
 def test_gsm_sem_scores_every_cell_and_is_its_metrics(tmp_path, teacher):
     """eval.gsm_sem: each cell (teacher and PTQ here) is scored on the variants, the same numbers as
     `gsm_sem.score.evaluate` on that model, under `gsm_sem.*` metrics; without it the settings are unchanged."""
-    from tests.eval.gsm_sem_helpers import released_row, write_released
-
     from ckaqad.eval.gsm_sem import score
     from ckaqad.models.load import load_model
+    from tests.eval.gsm_sem_helpers import released_row, write_released
 
     released = write_released(tmp_path / "rel", {"SEM.jsonl": [released_row("s1")]})
     evaluation = {"eval_blocks": 2, "seq_len": 16, "batch_size": 2, "bootstrap": 0, "gsm_sem": str(released),
