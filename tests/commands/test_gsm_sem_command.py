@@ -51,7 +51,8 @@ def test_generate_through_a_chat_server_then_replay_from_the_cache(tmp_path, cap
 def test_score_and_eval_suite_on_a_tiny_model(tmp_path, capsys):
     teacher = tmp_path / "teacher"
     save_tiny_teacher(teacher)
-    released = write_released(tmp_path / "rel", {"SEM.jsonl": [released_row("s1"), released_row("s2")]})
+    released = write_released(tmp_path / "rel", {"SEM.jsonl": [released_row("s1"),
+                                                                released_row("s2", final_answer="20")]})
     assert cli.main(["gsm-sem", "score", "--variants", str(released), "--level", "max", "--models",
                      f"{teacher},{teacher}", "--max-tokens", "3", "--batch-size", "2", "--no-progress",
                      "--out", str(tmp_path / "score")]) == 0
@@ -62,6 +63,7 @@ def test_score_and_eval_suite_on_a_tiny_model(tmp_path, capsys):
     assert [r["completion"] for r in a["variants"]] == [r["completion"] for r in b["variants"]]  # greedy
     assert all(c["only_a"] == c["only_b"] == 0 and c["p_value"] == 1.0 for c in result["comparisons"])
     assert (tmp_path / "score" / "score.html").is_file()
+    assert "ckaqad: warning: 1 released rows have a final_answer" in capsys.readouterr().out
 
     payload = eval_command.run(eval_command.Config(
         model=str(teacher), suite="gsm-sem", gsm_sem_variants=str(released), gsm_sem_level="max",

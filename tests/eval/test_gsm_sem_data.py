@@ -56,7 +56,9 @@ def test_released_files_gold_recomputed_and_labels_read(tmp_path):
     assert all(v.problem.gold == "18" for v in released.variants)  # never the file's final_answer
     assert released.disagreements == ["s2"] and released.unnested == ["p1"]
     assert released.variants[0].text == JANET_VARIANT and released.variants[0].problem.solution == JANET_SOLUTION
-    assert [v.problem.id for v in data.read_variants(d / "SEM.jsonl")] == ["s1", "s2"]
+    variants, warnings = data.read_variants(d / "SEM.jsonl")
+    assert [v.problem.id for v in variants] == ["s1", "s2"]
+    assert len(warnings) == 1 and warnings[0].startswith("1 released rows have a final_answer") and "s2" in warnings[0]
 
 
 def test_released_file_without_labels_or_fields_is_an_error(tmp_path):
@@ -77,4 +79,4 @@ def test_variants_round_trip(tmp_path):
     variants = [data.Variant(problem, "facts", JANET_VARIANT, "max", 1, {"judge_votes": [True]}),
                 data.Variant(problem, "entity", "", None)]
     data.write_variants(tmp_path / "variants.jsonl", variants)
-    assert data.read_variants(tmp_path) == variants
+    assert data.read_variants(tmp_path) == (variants, [])

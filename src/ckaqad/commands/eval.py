@@ -165,7 +165,8 @@ def load_eval_model(spec: str, teacher_spec: str | None, device, need_teacher: b
 
 def gsm_sem_lines(result: dict) -> list[str]:
     """eval.md's GSM-SEM paragraph: the accuracy/drop table of every metrics group (per-item answers in eval.json)."""
-    lines = [f"GSM-SEM (variants at level {result['level']} or stricter, {result['prompt']} prompt, greedy):", ""]
+    lines = [f"GSM-SEM (variants at level {result['level']} or stricter, {result['prompt']} prompt, greedy):", "",
+             *(f"Warning: {line}" for line in result.get("warnings", [])), ""]
     for group in result["metrics"]:
         lines += [f"`{group}`:", "", *score_table({"model": result}, group), ""]
     return lines

@@ -193,7 +193,9 @@ def load_scored_model(spec: str, config: Config):
 def run_score(config: Config) -> dict:
     out = check_writable(config.out)
     started = time.perf_counter()
-    chosen = score.select_variants(config.variants, config.level, config.limit)
+    chosen, warnings = score.select_variants(config.variants, config.level, config.limit)
+    for line in warnings:
+        print(f"ckaqad: warning: {line}")
     models: dict[str, dict] = {}
     device = "cpu"
     for spec in config.model_specs:
@@ -215,7 +217,7 @@ def run_score(config: Config) -> dict:
             pairs_a = [r["correct"] for r in (a if isinstance(a, list) else a.values())]
             pairs_b = [r["correct"] for r in (b if isinstance(b, list) else b.values())]
             comparisons.append({"a": labels[0], "b": other, "items": items, **score.mcnemar(pairs_a, pairs_b)})
-    meta = {"variants": config.variants, "level": config.level, "n_variants": len(chosen),
+    meta = {"variants": config.variants, "level": config.level, "warnings": warnings, "n_variants": len(chosen),
             "n_originals": len({v.problem.id for v in chosen}), "prompt": config.prompt,
             "max_tokens": config.max_tokens, "device": device, "runtime": config.runtime,
             "runtime_s": time.perf_counter() - started, "config": asdict(config)}

@@ -105,7 +105,8 @@ def write_score_report(directory: Path, models: dict[str, dict], comparisons: li
     lines = ["# GSM-SEM scoring", "",
              f"Variants `{meta['variants']}` at level `{meta['level']}` or stricter: {meta['n_variants']} variants "
              f"of {meta['n_originals']} originals; prompt `{meta['prompt']}`, greedy, at most {meta['max_tokens']}"
-             f" new tokens; device {meta['device']}; {meta['runtime_s']:.0f} s.", ""]
+             f" new tokens; device {meta['device']}; {meta['runtime_s']:.0f} s.", "",
+             *(f"Warning: {line}" for line in meta.get("warnings", [])), ""]
     for group in groups:
         lines += [f"## {group}", "", *score_table(models, group), ""]
     if comparisons:

@@ -215,22 +215,36 @@ def load_released(directory: str | Path, limit: int | None = None) -> ReleasedDa
     return ReleasedData(variants[:limit] if limit else variants, disagreements, unnested)
 
 
+def released_warnings(released: ReleasedData) -> list[str]:
+    """One line per kind of suspect row of the released files (scored anyway, as documented)."""
+    lines = []
+    if released.disagreements:
+        lines.append(f"{len(released.disagreements)} released rows have a final_answer that differs from their "
+                     f"worked solution's (scored against the solution's): {', '.join(released.disagreements[:10])}")
+    if released.unnested:
+        lines.append(f"{len(released.unnested)} released rows have strictness labels that are not nested (their "
+                     f"level stops at the first False): {', '.join(released.unnested[:10])}")
+    return lines
+
+
 def write_variants(path: Path, variants: list[Variant]) -> None:
     """JSON Lines of Variant.to_dict (the format `read_variants` and the scorer read)."""
     path.write_text("".join(json.dumps(v.to_dict(), ensure_ascii=False) + "\n" for v in variants))
 
 
-def read_variants(path: str | Path) -> list[Variant]:
-    """Variants written by `ckaqad gsm-sem generate` (its variants.jsonl, or the run directory holding it),
-    or the released GSM-SEM files (a directory holding them, or one of them)."""
+def read_variants(path: str | Path) -> tuple[list[Variant], list[str]]:
+    """(variants, warnings): those written by `ckaqad gsm-sem generate` (its variants.jsonl, or the run
+    directory holding it), or the released GSM-SEM files (a directory holding them, or one of them) with
+    `released_warnings`."""
     path = Path(path).expanduser()
     file = path / "variants.jsonl" if path.is_dir() and (path / "variants.jsonl").is_file() else path
     if file.is_file() and file.name == "variants.jsonl":
         try:
-            return [Variant.from_dict(row) for row in _read_jsonl(file)]
+            return [Variant.from_dict(row) for row in _read_jsonl(file)], []
         except (TypeError, KeyError) as exc:
             raise DataError(f"{file}: not a variants file written by ckaqad gsm-sem generate ({exc})") from exc
-    return load_released(path).variants
+    released = load_released(path)
+    return released.variants, released_warnings(released)
 
 
 def gold_fraction(problem: Problem) -> Fraction:

@@ -189,15 +189,15 @@ def paired_correctness(scored: dict) -> list[bool]:
     return [bool(r["correct"]) for r in scored["variants"]]
 
 
-def select_variants(path: str, level: str, limit: int | None = None) -> list[Variant]:
-    """The variants in `path` (a generate directory or the released files) at `level` or stricter, the first
-    `limit`; ConfigError when none is."""
-    every = read_variants(path)
+def select_variants(path: str, level: str, limit: int | None = None) -> tuple[list[Variant], list[str]]:
+    """(the variants in `path` at `level` or stricter, the first `limit`; the warnings about the file);
+    ConfigError when no variant is at that level."""
+    every, warnings = read_variants(path)
     chosen = [v for v in every if at_least(v.level, level)][:limit]
     if not chosen:
         raise ConfigError(f"no GSM-SEM variant in {path} reached level {level} "
                           f"(levels there: {', '.join(sorted({str(v.level) for v in every}))})")
-    return chosen
+    return chosen, warnings
 
 
 HEADLINE = ("acc_orig", "acc_var", "drop", "drop_rate", "p_var_given_orig")
@@ -211,7 +211,8 @@ def headline(metrics: dict) -> dict[str, float]:
 def evaluate(model, tokenizer, variants_path: str, level: str, prompt: str = "8shot", max_new_tokens: int = 256,
              batch_size: int = 8, limit: int | None = None, seed: int = 0, progress: bool = True) -> dict:
     """One model on the variants of `variants_path` at `level` or stricter and their originals: {"metrics":
-    metrics_table, "originals", "variants"} (what `ckaqad eval --suite gsm-sem` and study cells record)."""
-    chosen = select_variants(variants_path, level, limit)
+    metrics_table, "warnings", "originals", "variants"} (what `ckaqad eval --suite gsm-sem` and study cells record)."""
+    chosen, warnings = select_variants(variants_path, level, limit)
     scored = score_model(model, tokenizer, chosen, prompt, max_new_tokens, batch_size, progress)
-    return {"metrics": metrics_table(scored, seed=seed), "level": level, "prompt": prompt, **scored}
+    return {"metrics": metrics_table(scored, seed=seed), "level": level, "prompt": prompt, "warnings": warnings,
+            **scored}
