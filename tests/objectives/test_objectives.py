@@ -307,12 +307,18 @@ def composite(loss: str, values: dict[str, torch.Tensor], **config) -> Composite
     """A Composite whose registered terms are replaced by stubs returning `values[name]`."""
     comp = Composite(ObjectiveConfig(loss=loss, **config))
 
-    def stub(name):
-        term = lambda out: values[name]  # noqa: E731
-        term.last_layers = torch.tensor([0.9, 0.95]) if name == "cka" else None
-        return term
+    class Stub:
+        """The registered term's name and weight rule, returning `values[name]`."""
 
-    comp.terms = [(name, stub(name)) for name, _ in comp.terms]
+        def __init__(self, name, real):
+            self.name, self.real = name, real
+            self.metric, self.weight_metric, self.weight = real.metric, real.weight_metric, real.weight
+            self.last_layers = torch.tensor([0.9, 0.95]) if name == "cka" else None
+
+        def __call__(self, out):
+            return values[self.name]
+
+    comp.terms = [(name, Stub(name, real)) for name, real in comp.terms]
     return comp
 
 
@@ -401,7 +407,7 @@ def test_cka_config_normalises_numeric_weights(weight, stored):
 
 @pytest.mark.parametrize(("build", "match"), [
     (lambda: ObjectiveConfig(loss="kl+ck"), r"--loss.*'ck'.*did you mean: cka"),
-    (lambda: ObjectiveConfig(loss="mse"), r"--loss.*choose from: ce, cka, kl"),
+    (lambda: ObjectiveConfig(loss="mse"), r"--loss.*choose from: ce, cka, hidden-cosine, hidden-mse, kl"),
     (lambda: ObjectiveConfig(loss="kl+kl"), "names a term twice"),
     (lambda: CKAConfig(cka_weight="heavy"), "--cka-weight must be 'auto' or a number"),
     (lambda: CKAConfig(cka_weight="-0.5"), "--cka-weight must be non-negative"),

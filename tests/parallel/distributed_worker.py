@@ -27,6 +27,8 @@ from ckaqad.commands import distill
 from ckaqad.data.blocks import train_batches
 from ckaqad.objectives.base import ForwardOutputs
 from ckaqad.objectives.ce import CEConfig, CEObjective, next_token_nll
+from ckaqad.objectives.cka import CKAConfig, CKAObjective
+from ckaqad.objectives.hidden import HiddenCosineConfig, HiddenCosineObjective, HiddenMSEConfig, HiddenMSEObjective
 from ckaqad.objectives.kl import KLConfig, KLObjective, chunked_kl
 from ckaqad.parallel.config import ParallelConfig
 from ckaqad.parallel.dist import current_world
@@ -92,6 +94,33 @@ def token_term_checks(rank: int, world: int) -> dict:
     return out
 
 
+def state_term_checks(rank: int, world: int) -> dict:
+    """The hidden-state terms (hidden-cosine, hidden-mse, the debiased CKA term) on uneven row counts: each rank's
+    term equals the one-process term of all rows, and its rows' gradients the one-process ones."""
+    counts = [23, 17]
+    g = torch.Generator().manual_seed(11)
+    ys_all = {i: torch.randn(sum(counts), 8, generator=g, dtype=torch.float64) for i in range(3)}
+    xs_all = {i: y + 0.4 * torch.randn(y.shape, generator=g, dtype=torch.float64) for i, y in ys_all.items()}
+    start = sum(counts[:rank])
+    rows = slice(start, start + counts[rank])
+    objectives = {"hidden-cosine": HiddenCosineObjective(HiddenCosineConfig()),
+                  "hidden-mse": HiddenMSEObjective(HiddenMSEConfig()),
+                  "cka-debiased": CKAObjective(CKAConfig(cka_debiased=True))}
+    empty = torch.zeros(1, 1, 2)
+    out = {}
+    for name, objective in objectives.items():
+        mine = {i: x[rows].clone().requires_grad_(True) for i, x in xs_all.items()}
+        value = objective(ForwardOutputs(empty, empty, {}, mine, {i: y[rows] for i, y in ys_all.items()}, counts))
+        value.backward()
+        full = {i: x.clone().requires_grad_(True) for i, x in xs_all.items()}
+        reference = objective(ForwardOutputs(empty, empty, {}, full, ys_all, None))  # no row counts: one process
+        reference.backward()
+        out[name] = {"value": float(value), "value_diff": abs(float(value - reference)),
+                     "grad_diff": max(max_diff(mine[i].grad, full[i].grad[rows]) for i in mine),
+                     "grad_scale": max(float(full[i].grad.abs().max()) for i in full)}
+    return out
+
+
 def memory_checks(root: Path, rank: int) -> dict:
     """The planner's per-rank parameter, gradient and optimizer bytes against the DTensor shards after one
     backward and one optimizer step of the sharded tiny student."""
@@ -117,7 +146,8 @@ def main(root: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
-    result = {"world": world, "cka": cka_checks(rank, world), "tokens": token_term_checks(rank, world)}
+    result = {"world": world, "cka": cka_checks(rank, world), "tokens": token_term_checks(rank, world),
+              "states": state_term_checks(rank, world)}
     result["memory"] = memory_checks(root, rank)
     # 4 steps at 2 processes, with the teacher sharded and activation checkpointing: still the 1-process run.
     distill.run(config(root, root / "r2", parallel=ParallelConfig(teacher_sharding="shard",

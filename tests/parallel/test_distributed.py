@@ -110,6 +110,17 @@ def test_kl_and_ce_are_normalised_by_the_global_token_count(runs):
             assert r["grad_diff"] <= 1e-6 * r["grad_scale"], (rank, term)
 
 
+def test_hidden_state_terms_equal_their_one_process_value_and_gradient(runs):
+    """hidden-cosine, hidden-mse and the debiased CKA term over 2 ranks' uneven rows (23 and 17). The terms
+    compute in float32, and the per-token ones add two ranks' partial sums: a few ulps, like KL and CE."""
+    for rank in (0, 1):
+        for term, r in worker(runs, rank)["states"].items():
+            assert r["value_diff"] <= 1e-6 * abs(r["value"]), (rank, term)
+            assert r["grad_diff"] <= 1e-6 * r["grad_scale"], (rank, term)
+    values = {term: r["value"] for term, r in worker(runs, 0)["states"].items()}
+    assert all(v > 1e-3 for v in values.values()) and len({round(v, 6) for v in values.values()}) == 3
+
+
 def test_planner_bytes_equal_the_dtensor_shards(runs):
     for rank in (0, 1):
         m = worker(runs, rank)["memory"]

@@ -139,6 +139,8 @@ def make_student(config: Config, teacher: LoadedModel, blocks: TokenBlocks, worl
         calibration = rank_calibration(blocks, config.quant, world) if world.distributed else blocks
         student, report = build_ptq_student(teacher.model, config.quant, calibration)
         max_reduce_buffers_(student)  # the amaxes of every rank's batches; nothing to do in a plain process
+        if world.is_main:
+            print(report.summary())
         return student, report.to_dict()
     # A loaded student trains as it is: quantized layers stay quantized with their saved scales, an
     # unquantized one (a pruned or fine-tuned model) trains in float32.
@@ -185,7 +187,7 @@ def build_trainee(config: Config, teacher_loaded: LoadedModel | None = None, wor
     teacher = teacher_loaded or load_model(config.teacher, device=world.device(config.device))
     blocks = load_blocks(config.data, teacher.model, teacher.tokenizer)
     tokens_per_batch = cfg.batch_size * (config.data.seq_len - cfg.n_sink)
-    if config.objective.uses_cka and cfg.cka_tokens > tokens_per_batch:
+    if config.objective.uses_states and cfg.cka_tokens > tokens_per_batch:
         raise ConfigError(f"--cka-tokens {cfg.cka_tokens} is larger than the {tokens_per_batch} valid tokens "
                           f"of a micro-batch ({cfg.batch_size} x {config.data.seq_len}, sinks excluded)")
     student, report = make_student(config, teacher, blocks, world)

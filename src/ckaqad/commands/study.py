@@ -322,7 +322,7 @@ def parse_study(path: str | Path, out: str | None = None) -> Study:
         if cell.trains:
             config = study.distill_config(cell, Path("."), None, False)
             tokens = config.train.batch_size * (study.data.seq_len - config.train.n_sink)
-            if config.objective.uses_cka and config.train.cka_tokens > tokens:
+            if config.objective.uses_states and config.train.cka_tokens > tokens:
                 raise ConfigError(f"study: train.cka_tokens {config.train.cka_tokens} exceeds the {tokens} valid "
                                   "tokens of a micro-batch")
     return study

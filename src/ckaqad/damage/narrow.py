@@ -54,4 +54,4 @@ class NarrowCE:
             logits = self.student(**batch).logits
         nll, count = next_token_nll(logits, batch["input_ids"], batch["attention_mask"])
         ce = nll / max(count, 1)
-        return dataclasses.replace(parts, loss=parts.loss + self.weight * ce, ce=ce)
+        return dataclasses.replace(parts, loss=parts.loss + self.weight * ce, terms={**parts.terms, "ce": ce})

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from ckaqad.errors import ConfigError
 from ckaqad.registry import Registry
 
 DEFAULT_CHUNK_TOKENS = 1024
@@ -37,20 +38,67 @@ class ForwardOutputs:
 
 @dataclass
 class LossParts:
-    """The loss of one micro-batch and its terms, all tensors (None for a term not in the objective)."""
+    """The loss of one micro-batch and its named parts, all tensors.
+
+    `terms` maps each term's metric name (the metrics.jsonl key: kl, cka_term, ce, cosine_term, mse_term) to
+    its value; `weights` each weight's metric name (cka_weight, cosine_weight, mse_weight) to the weight the
+    term got; `cka_layers` is the (L,) CKA of each layer pair when the CKA term ran. A new term adds names, not
+    fields. `kl`, `cka_term`, `ce` and `cka_weight` read the mapping (None for a term not in the objective)."""
 
     loss: torch.Tensor
-    kl: torch.Tensor | None = None
-    cka_term: torch.Tensor | None = None
-    ce: torch.Tensor | None = None
-    cka_weight: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
     cka_layers: torch.Tensor | None = None  # (L,) CKA of each layer pair
+
+    @property
+    def kl(self) -> torch.Tensor | None:
+        return self.terms.get("kl")
+
+    @property
+    def cka_term(self) -> torch.Tensor | None:
+        return self.terms.get("cka_term")
+
+    @property
+    def ce(self) -> torch.Tensor | None:
+        return self.terms.get("ce")
+
+    @property
+    def cka_weight(self) -> torch.Tensor | None:
+        return self.weights.get("cka_weight")
+
+
+def parse_term_weight(flag: str, value: str) -> str:
+    """A term's `--X-weight`: 'auto', or a non-negative number normalised to its float text."""
+    if value == "auto":
+        return value
+    try:
+        weight = float(value)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} must be 'auto' or a number, got {value!r}") from exc
+    if weight < 0:
+        raise ConfigError(f"{flag} must be non-negative, got {weight}")
+    return str(weight)
+
+
+def balanced_weight(weight: str, alpha: float, value: torch.Tensor, first: torch.Tensor) -> torch.Tensor | float:
+    """The weight of a term balanced against the objective's first term: the fixed number, or with `auto`
+    λ = α · stopgrad(first / term), so the term keeps a share α of the first term (docs/method.md#cka-qad-loss)."""
+    if weight == "auto":
+        return alpha * (first.detach() / value.detach().clamp_min(1e-12))
+    return float(weight)
 
 
 class Objective(Protocol):
     needs_states: bool
+    metric: str
+    """the term's name in LossParts.terms and metrics.jsonl"""
+    weight_metric: str | None
+    """the name its weight is logged under (None: not logged)"""
 
     def __call__(self, out: ForwardOutputs) -> torch.Tensor: ...
+
+    def weight(self, value: torch.Tensor, first: torch.Tensor) -> torch.Tensor | float:
+        """The term's weight when it is not the objective's first term (the first has weight 1)."""
 
 
 @dataclass(frozen=True)

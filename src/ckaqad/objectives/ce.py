@@ -43,6 +43,8 @@ class CEObjective:
     """Mean next-token cross-entropy of the student on the micro-batch (its weight is `--ce-weight`)."""
 
     needs_states = False
+    metric = "ce"
+    weight_metric = None
 
     def __init__(self, config: CEConfig) -> None:
         self.config = config
@@ -53,3 +55,6 @@ class CEObjective:
             return nll / max(count, 1)
         total = global_count(torch.tensor(float(count), device=nll.device))
         return sum_over_ranks(nll / total.clamp_min(1.0))
+
+    def weight(self, value: torch.Tensor, first: torch.Tensor) -> float:
+        return self.config.ce_weight

@@ -11,19 +11,19 @@ from ckaqad.errors import ConfigError
 from ckaqad.objectives.base import OBJECTIVES, ForwardOutputs, LossParts
 from ckaqad.objectives.ce import CEConfig
 from ckaqad.objectives.cka import CKAConfig
+from ckaqad.objectives.hidden import HiddenCosineConfig, HiddenMSEConfig
 from ckaqad.objectives.kl import KLConfig
-
-# LossParts field of each term (metrics.jsonl keys).
-TERM_FIELDS = {"kl": "kl", "cka": "cka_term", "ce": "ce"}
 
 
 @dataclass
 class ObjectiveConfig:
     loss: str = "kl+cka"
-    """objective: terms joined by + from kl, cka, ce (kl: KL-only QAD; kl+cka: CKA-QAD; cka: the CKA term alone)"""
+    """objective: terms joined by + from kl, cka, ce, hidden-cosine, hidden-mse (kl: KL-only QAD; kl+cka: CKA-QAD)"""
     kl: KLConfig = field(default_factory=KLConfig)
     cka: CKAConfig = field(default_factory=CKAConfig)
     ce: CEConfig = field(default_factory=CEConfig)
+    hidden_cosine: HiddenCosineConfig = field(default_factory=HiddenCosineConfig)
+    hidden_mse: HiddenMSEConfig = field(default_factory=HiddenMSEConfig)
 
     def __post_init__(self) -> None:
         names = self.terms
@@ -50,12 +50,18 @@ class ObjectiveConfig:
     def uses_kl(self) -> bool:
         return "kl" in self.terms
 
+    @property
+    def uses_states(self) -> bool:
+        """Whether any term reads hidden states at the sampled token rows (cka, hidden-cosine, hidden-mse)."""
+        return any(OBJECTIVES.get(name).factory.needs_states for name in self.terms)
+
     def term_config(self, name: str):
-        return {"kl": self.kl, "cka": self.cka, "ce": self.ce}[name]
+        return getattr(self, name.replace("-", "_"))
 
 
 class Composite:
-    """Σ wᵢ·termᵢ: the first term with weight 1, CKA with λ, CE with `--ce-weight` (module docstring)."""
+    """Σ wᵢ·termᵢ: the first term with weight 1, each later term with its own `weight` (λ for cka,
+    hidden-cosine and hidden-mse; `--ce-weight` for ce; 1 for kl). See the module docstring of base.py."""
 
     def __init__(self, config: ObjectiveConfig) -> None:
         self.config = config
@@ -65,31 +71,21 @@ class Composite:
     def needs_states(self) -> bool:
         return any(term.needs_states for _, term in self.terms)
 
-    def _weight(self, name: str, value: torch.Tensor, first: torch.Tensor) -> torch.Tensor | float:
-        if name == "cka":
-            cka = self.config.cka
-            if cka.cka_weight == "auto":
-                return cka.cka_alpha * (first.detach() / value.detach().clamp_min(1e-12))
-            return float(cka.cka_weight)
-        if name == "ce":
-            return self.config.ce.ce_weight
-        return 1.0
-
     def __call__(self, out: ForwardOutputs) -> LossParts:
         values: dict[str, torch.Tensor] = {}
+        weights: dict[str, torch.Tensor | float] = {"cka_weight": 0.0}  # logged 0 when there is no CKA term
         loss = first = None
-        cka_weight: torch.Tensor | float = 0.0
-        for index, (name, term) in enumerate(self.terms):
+        for index, (_, term) in enumerate(self.terms):
             value = term(out)
-            values[TERM_FIELDS[name]] = value
+            values[term.metric] = value
             if index == 0:
                 loss = first = value
-                cka_weight = 1.0 if name == "cka" else cka_weight
-                continue
-            weight = self._weight(name, value, first)
-            if name == "cka":
-                cka_weight = weight
-            loss = loss + weight * value
+                weight: torch.Tensor | float = 1.0
+            else:
+                weight = term.weight(value, first)
+                loss = loss + weight * value
+            if term.weight_metric is not None:
+                weights[term.weight_metric] = weight
         layers = next((t.last_layers for n, t in self.terms if n == "cka"), None)
-        return LossParts(loss=loss, cka_weight=torch.as_tensor(cka_weight, dtype=torch.float32), cka_layers=layers,
-                         **values)
+        return LossParts(loss=loss, terms=values, cka_layers=layers,
+                         weights={k: torch.as_tensor(w, dtype=torch.float32) for k, w in weights.items()})

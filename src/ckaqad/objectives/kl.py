@@ -112,6 +112,8 @@ class KLObjective:
     """Mean KL(teacher ‖ student) per real token of the micro-batch."""
 
     needs_states = False
+    metric = "kl"
+    weight_metric = None
 
     def __init__(self, config: KLConfig) -> None:
         self.config = config
@@ -127,3 +129,6 @@ class KLObjective:
         count = global_count(torch.as_tensor(local, device=out.student_logits.device))
         return sum_over_ranks(chunked_kl(out.student_logits, out.teacher_logits, mask, c.temperature, c.topk,
                                          c.topk_tail, count=count))
+
+    def weight(self, value: torch.Tensor, first: torch.Tensor) -> float:
+        return 1.0

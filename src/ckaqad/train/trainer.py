@@ -28,7 +28,7 @@ from ckaqad.capture import LayerCapture, LayerMap, rank_rows, select_rows, valid
 from ckaqad.data.blocks import TokenBlocks, rank_slice, train_batches
 from ckaqad.errors import ConfigError, TrainingError
 from ckaqad.objectives.base import ForwardOutputs, LossParts
-from ckaqad.objectives.compose import TERM_FIELDS, Composite
+from ckaqad.objectives.compose import Composite
 from ckaqad.parallel.dist import World, peer_failures_as_errors
 from ckaqad.parallel.fsdp import unsharded
 from ckaqad.paths import RunDir
@@ -99,6 +99,13 @@ class StepRecord:
     tokens_per_s: float = 0.0
     peak_memory_mb: float = 0.0
     skipped: bool = False
+    other_terms: dict[str, float] = field(default_factory=dict)
+    """terms and weights beyond kl, cka_term, ce and cka_weight (cosine_term, cosine_weight, ...), by name"""
+
+    def as_log(self) -> dict:
+        """The metrics.jsonl record: the fields, with `other_terms` flattened into top-level keys."""
+        record = asdict(self)
+        return {**record, **record.pop("other_terms")}
 
 
 @dataclass
@@ -247,14 +254,18 @@ def train_step(trainee: Trainee, step: int, data_iter: Iterator[dict], captures:
     if isinstance(grad_norm, DTensor):  # FSDP2: the norm of the full gradient, the same on every rank
         grad_norm = grad_norm.full_tensor()
     # The one host transfer of the step: every logged scalar and the finite check.
-    terms = ("loss", *TERM_FIELDS.values())
-    scalars = torch.stack([_scalar(getattr(p, name), device) for p in micro_parts for name in terms]
-                          + [_scalar(grad_norm, device), _scalar(micro_parts[-1].cka_weight, device)]).tolist()
+    terms = ("loss", *micro_parts[0].terms)
+    weight_names = tuple(micro_parts[-1].weights)
+    scalars = torch.stack([_scalar(p.loss if name == "loss" else p.terms.get(name), device)
+                           for p in micro_parts for name in terms]
+                          + [_scalar(micro_parts[-1].weights[name], device) for name in weight_names]
+                          + [_scalar(grad_norm, device)]).tolist()
     layers = [p.cka_layers for p in micro_parts if p.cka_layers is not None]
     layer_values = torch.stack(layers).to(torch.float64).tolist() if layers else []
     per_micro = [dict(zip(terms, scalars[i * len(terms):(i + 1) * len(terms)], strict=True))
                  for i in range(len(micro_parts))]
-    grad_norm_value, lam = scalars[-2], scalars[-1]
+    grad_norm_value = scalars[-1]
+    weights = dict(zip(weight_names, scalars[-1 - len(weight_names):-1], strict=True))
     totals = {name: sum(m[name] / cfg.grad_accum for m in per_micro) for name in terms}
     finite = all(map(_isfinite, [m["loss"] for m in per_micro] + [grad_norm_value]))
     lr = trainee.scheduler.get_last_lr()[0]
@@ -268,13 +279,14 @@ def train_step(trainee: Trainee, step: int, data_iter: Iterator[dict], captures:
     for row in layer_values:
         for (s_index, _), value in zip(trainee.layer_map.pairs, row, strict=True):
             layer_sums[s_index] = layer_sums.get(s_index, 0.0) + value / cfg.grad_accum
-    present = {name: getattr(micro_parts[0], name) is not None for name in terms}
+    named = ("loss", "kl", "cka_term", "ce", "cka_weight")
+    others = {name: value for name, value in {**totals, **weights}.items() if name not in named}
     return StepRecord(
         step=step + 1, loss=totals["loss"] if finite else float("nan"),
-        kl=totals["kl"] if present["kl"] else None, cka_term=totals["cka_term"] if present["cka_term"] else None,
-        cka_weight=lam, lr=lr, grad_norm=grad_norm_value if finite else float("nan"), cka_layers=layer_sums,
-        ce=totals["ce"] if present["ce"] else None, step_time_s=elapsed, tokens_per_s=tokens / elapsed,
-        peak_memory_mb=peak, skipped=not finite)
+        kl=totals.get("kl"), cka_term=totals.get("cka_term"),
+        cka_weight=weights.get("cka_weight", 0.0), lr=lr, grad_norm=grad_norm_value if finite else float("nan"),
+        cka_layers=layer_sums, ce=totals.get("ce"), step_time_s=elapsed, tokens_per_s=tokens / elapsed,
+        peak_memory_mb=peak, skipped=not finite, other_terms=others)
 
 
 def _isfinite(value: float) -> bool:
@@ -332,7 +344,7 @@ def train(trainee: Trainee) -> dict:
             for step in bar:
                 record = train_step(trainee, step, data_iter, captures)
                 bad_in_a_row = bad_in_a_row + 1 if record.skipped else 0
-                log.write({"kind": "train", **asdict(record)})
+                log.write({"kind": "train", **record.as_log()})
                 if bad_in_a_row >= cfg.max_bad_steps:
                     raise TrainingError(f"the loss was not finite for {bad_in_a_row} steps in a row (step "
                                         f"{record.step}); lower --lr or check the data")
