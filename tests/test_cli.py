@@ -26,10 +26,12 @@ from ckaqad.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 # The spec: every command of `ckaqad`, in the order `ckaqad --help` lists them.
-COMMAND_NAMES = ["diagnose", "distill", "demo", "eval", "compare", "export", "rl", "damage", "recover", "study", "plan"]
+COMMAND_NAMES = ["diagnose", "distill", "demo", "eval", "compare", "export", "rl", "damage", "recover", "study", "plan",
+                 "gsm-sem"]
 # Flags each command's Config needs before it validates (exactly one export source, at least one compare dir).
 REQUIRED = {"export": ["--ptq"], "compare": ["somewhere"], "damage": ["--kind", "magnitude"],
-            "recover": ["--student", "somewhere"], "study": ["study.yaml"]}
+            "recover": ["--student", "somewhere"], "study": ["study.yaml"],
+            "gsm-sem": ["generate"]}
 
 FIELD_DOC = re.compile(r'^    (\w+): [^\n]*\n    """([^\n]*)"""$', re.M)
 
@@ -150,7 +152,7 @@ def teacher_dir(tmp_path_factory):
 def test_registry_is_the_spec():
     assert COMMANDS.names() == COMMAND_NAMES
     for name, module in COMMANDS.items():
-        assert module.__name__ == f"ckaqad.commands.{name}"
+        assert module.__name__ == f"ckaqad.commands.{name.replace('-', '_')}"
         assert isinstance(module.HELP, str) and module.HELP and "\n" not in module.HELP
         assert dataclasses.is_dataclass(module.Config) and callable(module.run)
 

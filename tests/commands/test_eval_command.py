@@ -328,7 +328,7 @@ def test_humaneval_suite_joins_nll_and_completion_per_problem(workdir, tmp_path)
                                          ("lm_eval", "lm-eval")])
 def test_unknown_suite_lists_close_matches(suite, near):
     with pytest.raises(ConfigError, match=rf"unknown suite \(--suite\) .*did you mean: {near}[,?].*; "
-                                          r"choose from: fidelity, humaneval, lm-eval"):
+                                          r"choose from: fidelity, gsm-sem, humaneval, lm-eval"):
         Config(suite=suite)
 
 

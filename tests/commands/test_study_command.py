@@ -193,3 +193,29 @@ def test_the_documented_studies_parse_into_their_grid(spec):
     assert sorted(c.seed for c in cells if c.method == "kl+cka") == [0, 1, 2]
     for cell in cells:
         assert parsed.cell_settings(cell)["cell"]["model"] in parsed.models
+
+
+def test_gsm_sem_scores_every_cell_and_is_its_metrics(tmp_path, teacher):
+    """eval.gsm_sem: each cell (teacher and PTQ here) is scored on the variants, the same numbers as
+    `gsm_sem.score.evaluate` on that model, under `gsm_sem.*` metrics; without it the settings are unchanged."""
+    from ckaqad.eval.gsm_sem import score
+    from ckaqad.models.load import load_model
+    from tests.eval.gsm_sem_helpers import released_row, write_released
+
+    released = write_released(tmp_path / "rel", {"SEM.jsonl": [released_row("s1")]})
+    evaluation = {"eval_blocks": 2, "seq_len": 16, "batch_size": 2, "bootstrap": 0, "gsm_sem": str(released),
+                  "gsm_sem_level": "max", "gsm_sem_max_tokens": 2}
+    config = study.Config(spec=spec(tmp_path, teacher, methods=["ptq"], seeds=[0], eval=evaluation),
+                          out=str(tmp_path / "out"), device="cpu")
+    study.run(config)
+    parsed = study.parse_study(config.spec, config.out)
+    records = {c.method: json.loads((StudyDir(tmp_path / "out").cells / c.relative() / StudyDir.CELL).read_text())
+               for c in parsed.cells()}
+    loaded = load_model(teacher, device="cpu")
+    direct = score.evaluate(loaded.model, loaded.tokenizer, str(released), "max", max_new_tokens=2, batch_size=2,
+                            progress=False)
+    assert records["teacher"]["gsm_sem"]["variants"] == direct["variants"]
+    for record in records.values():
+        assert set(score.headline(direct["metrics"])) <= set(record["metrics"])
+    plain = study.parse_study(spec(tmp_path, teacher, methods=["ptq"], seeds=[0]), config.out)
+    assert "gsm_sem" not in plain.cell_settings(plain.cells()[0])["eval"]

@@ -22,7 +22,7 @@ def options(**overrides):
 
 
 def test_registered_suites_and_their_one_spelling():
-    assert SUITES.names() == ["fidelity", "humaneval", "lm-eval", "runtime-spread", "tasks"]
+    assert SUITES.names() == ["fidelity", "humaneval", "lm-eval", "runtime-spread", "tasks", "gsm-sem"]
     assert NEEDS_TEACHER <= set(SUITES)
     with pytest.raises(ConfigError, match=r"unknown suite \(--suite\) 'lm_eval' \(did you mean: lm-eval"):
         SUITES.get("lm_eval")

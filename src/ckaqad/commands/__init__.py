@@ -8,6 +8,7 @@ from types import ModuleType
 
 from ckaqad.commands import compare, damage, demo, diagnose, distill, export, recover, rl, study, upcycle
 from ckaqad.commands import eval as eval_
+from ckaqad.commands import gsm_sem as gsm_sem_
 from ckaqad.commands import plan as plan_
 from ckaqad.registry import Registry
 
@@ -24,3 +25,4 @@ COMMANDS.register("recover", recover)
 COMMANDS.register("study", study)
 COMMANDS.register("plan", plan_)
 COMMANDS.register("upcycle", upcycle)
+COMMANDS.register("gsm-sem", gsm_sem_)

@@ -19,6 +19,8 @@ import torch
 
 from ckaqad.errors import ConfigError
 from ckaqad.eval.fidelity import HEADLINE, ROUTING_HEADLINE
+from ckaqad.eval.gsm_sem.checks import LEVELS
+from ckaqad.eval.gsm_sem.score import PROMPT_STYLES
 from ckaqad.eval.suites import NEEDS_TEACHER, SUITES
 from ckaqad.eval.tasks import task_metrics, task_table
 from ckaqad.export.reader import load_served
@@ -26,6 +28,7 @@ from ckaqad.files import atomic_directory, check_writable, write_json, write_tex
 from ckaqad.models.load import LoadedModel, load_model, resolve_device
 from ckaqad.paths import detect, run_teacher_spec
 from ckaqad.report import tables
+from ckaqad.report.gsm_sem import score_table
 from ckaqad.report.results import ModelResult, ResultDir, flat_metrics, write_results
 from ckaqad.students.spec import load_student
 from ckaqad.students.store import check_vocabulary
@@ -46,7 +49,7 @@ class Config:
     runtime: str = "ckaqad"
     """ckaqad (the fake-quant student, as trained) or transformers (an export as from_pretrained serves it, bf16)"""
     suite: str = "fidelity,humaneval"
-    """comma-separated suites: fidelity, humaneval, lm-eval, tasks (0-shot ARC, PIQA, ... from local data)"""
+    """comma-separated suites: fidelity, humaneval, lm-eval, tasks (0-shot ARC, PIQA, ... from local data), gsm-sem"""
     tasks: str | None = None
     """comma-separated task names of --suite lm-eval, or of --suite tasks (default: eval.tasks.DEFAULT_TASKS)"""
     include_path: str | None = None
@@ -73,6 +76,14 @@ class Config:
     """cpu or cuda (default: cuda when available)"""
     out: str = "runs/eval"
     """output directory (eval.json, eval.md)"""
+    gsm_sem_variants: str | None = None
+    """--suite gsm-sem: a `ckaqad gsm-sem generate` output directory, or the released GSM-SEM files"""
+    gsm_sem_level: str = "min-med"
+    """--suite gsm-sem: score variants at this strictness level or stricter (none ... max)"""
+    gsm_sem_prompt: str = "8shot"
+    """--suite gsm-sem: 8shot (standard GSM8K chain-of-thought exemplars) or chat (0-shot, chat template)"""
+    gsm_sem_max_tokens: int = 256
+    """--suite gsm-sem: maximum new tokens per answer"""
 
     def __post_init__(self) -> None:
         for suite in self.suites:
@@ -81,6 +92,12 @@ class Config:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
         if "lm-eval" in self.suites and not self.tasks:
             raise ConfigError("--suite lm-eval needs --tasks (and usually --include-path for local tasks)")
+        if "gsm-sem" in self.suites and not self.gsm_sem_variants:
+            raise ConfigError("--suite gsm-sem needs --gsm-sem-variants (a gsm-sem generate directory or the "
+                              "released files)")
+        if self.gsm_sem_level not in LEVELS or self.gsm_sem_prompt not in PROMPT_STYLES or self.gsm_sem_max_tokens < 1:
+            raise ConfigError(f"--gsm-sem-level must be one of {', '.join(LEVELS)}, --gsm-sem-prompt one of "
+                              f"{', '.join(PROMPT_STYLES)}, --gsm-sem-max-tokens >= 1")
         if self.humaneval_samples < 1 or self.batch_size < 1 or self.eval_blocks < 1:
             raise ConfigError("--humaneval-samples, --batch-size and --eval-blocks must be at least 1")
         if self.humaneval_prompt not in PROMPT_CHOICES:
@@ -146,6 +163,15 @@ def load_eval_model(spec: str, teacher_spec: str | None, device, need_teacher: b
     return EvalModel(model.model, model.tokenizer, label, teacher)
 
 
+def gsm_sem_lines(result: dict) -> list[str]:
+    """eval.md's GSM-SEM paragraph: the accuracy/drop table of every metrics group (per-item answers in eval.json)."""
+    lines = [f"GSM-SEM (variants at level {result['level']} or stricter, {result['prompt']} prompt, greedy):", "",
+             *(f"Warning: {line}" for line in result.get("warnings", [])), ""]
+    for group in result["metrics"]:
+        lines += [f"`{group}`:", "", *score_table({"model": result}, group), ""]
+    return lines
+
+
 def write_eval(out: Path, payload: dict) -> None:
     """eval.json (everything, per-problem HumanEval results included), eval.md and results.json."""
     d = ResultDir(out)
@@ -164,6 +190,8 @@ def write_eval(out: Path, payload: dict) -> None:
     spread = payload.get("runtime_spread")
     if spread:
         lines += ["", *tables.spread_table(spread)]
+    if payload.get("gsm_sem"):
+        lines += ["", *gsm_sem_lines(payload["gsm_sem"])]
     if payload.get("tasks"):
         lines += ["", "Downstream tasks (0-shot, lm-eval scoring, `eval.tasks`):", "", *task_table(payload["tasks"])]
     write_text(d.eval_md, "\n".join(lines) + "\n")

@@ -49,6 +49,8 @@ from ckaqad.commands import distill
 from ckaqad.data.blocks import DataConfig, eval_batches, load_blocks
 from ckaqad.errors import ConfigError
 from ckaqad.eval.fidelity import measure_fidelity, token_rule
+from ckaqad.eval.gsm_sem import score as gsm_sem_score
+from ckaqad.eval.gsm_sem.checks import LEVELS as GSM_SEM_LEVELS
 from ckaqad.eval.tasks import parse_tasks, run_tasks
 from ckaqad.export.reader import load_served
 from ckaqad.export.writer import export_student
@@ -73,6 +75,7 @@ GRID_TRAIN_FIELDS = ("steps", "seed")
 # The forms of a student a study can score: ckaqad's fake-quant student (what training optimised) and its
 # compressed-tensors export as transformers serves it (what users run).
 RUNTIMES = ("ckaqad", "transformers")
+GSM_SEM_FIELDS = ("gsm_sem", "gsm_sem_level", "gsm_sem_prompt", "gsm_sem_max_tokens")
 
 
 @dataclass
@@ -108,6 +111,15 @@ class EvalSpec:
     runtimes: tuple[str, ...] = ("ckaqad",)
     """forms of each student scored: `ckaqad` (its fake-quant emulation) and optionally `transformers` (its
     export as transformers + compressed-tensors serve it; metrics prefixed `served.`)"""
+    gsm_sem: str = ""
+    """GSM-SEM variants every cell is also scored on: a `ckaqad gsm-sem generate` directory or the released files
+    (empty: none); metrics `gsm_sem.acc_orig`, `.acc_var`, `.drop`, ... (docs/gsm_sem.md)"""
+    gsm_sem_level: str = "min-med"
+    """GSM-SEM variants at this strictness level or stricter"""
+    gsm_sem_prompt: str = "8shot"
+    """GSM-SEM prompt: 8shot or chat"""
+    gsm_sem_max_tokens: int = 256
+    """GSM-SEM maximum new tokens per answer"""
 
     def __post_init__(self) -> None:
         if min(self.eval_blocks, self.batch_size, self.group) < 1 or self.seq_len < 8 or self.n_sink < 0:
@@ -121,6 +133,10 @@ class EvalSpec:
             raise ConfigError(f"eval.limit must be at least 1, got {self.limit}")
         if self.bootstrap < 0:
             raise ConfigError(f"eval.bootstrap must be >= 0, got {self.bootstrap}")
+        if self.gsm_sem_level not in GSM_SEM_LEVELS or self.gsm_sem_prompt not in gsm_sem_score.PROMPT_STYLES \
+                or self.gsm_sem_max_tokens < 1:
+            raise ConfigError(f"eval: gsm_sem_level must be one of {', '.join(GSM_SEM_LEVELS)}, gsm_sem_prompt one "
+                              f"of {', '.join(gsm_sem_score.PROMPT_STYLES)}, gsm_sem_max_tokens >= 1")
         self.task_names = parse_tasks(self.tasks) if self.tasks.strip() else []
 
 
@@ -234,6 +250,9 @@ class Study:
         evaluation = {k: v for k, v in dataclasses.asdict(self.eval).items() if k != "group"}
         if self.eval.runtimes == ("ckaqad",):
             del evaluation["runtimes"]  # the default: cells of studies from before the option stay valid
+        if not self.eval.gsm_sem:
+            for key in GSM_SEM_FIELDS:  # unused: cells of studies from before the option stay valid
+                del evaluation[key]
         settings = {"cell": dataclasses.asdict(cell), "eval": evaluation}
         if cell.method != "teacher":
             settings["quant"] = dataclasses.asdict(self.quant_config(cell))
@@ -385,6 +404,12 @@ def load_served_cell(study: Study, cell: Cell, student: torch.nn.Module, teacher
     return load_served(directory, device)[0], directory
 
 
+def gsm_sem_cell(model: torch.nn.Module, tokenizer, ev: EvalSpec) -> dict:
+    """A cell's GSM-SEM record (eval.gsm_sem's variants at eval.gsm_sem_level and their originals)."""
+    return gsm_sem_score.evaluate(model, tokenizer, ev.gsm_sem, ev.gsm_sem_level, ev.gsm_sem_prompt,
+                                  ev.gsm_sem_max_tokens, ev.batch_size, progress=False)
+
+
 def evaluate_cells(study: Study, cells: list[Cell], teacher: LoadedModel, device: str | None) -> None:
     """Fidelity (the teacher once per batch for up to eval.group students, and their served exports when
     eval.runtimes names transformers) and tasks of `cells` of one model."""
@@ -435,11 +460,18 @@ def evaluate_cells(study: Study, cells: list[Cell], teacher: LoadedModel, device
                 fid = results[cell.label()]
                 metrics, layers = cell_metrics(fid, tasks), fid.layers
                 metrics.update(tables.block_kind_metrics(fid.layers, kinds))  # hybrids: CKA per block type
+            if ev.gsm_sem:
+                extra["gsm_sem"] = gsm_sem_cell(model, teacher.tokenizer, ev)
+                metrics.update(gsm_sem_score.headline(extra["gsm_sem"]["metrics"]))
             if cell in served:
                 served_tasks = run_tasks(served[cell], teacher.tokenizer, ev.task_names, limit=ev.limit,
                                          batch_size=ev.batch_size) if ev.task_names else {}
                 served_fid = results[served_label(cell)]
                 metrics.update({SERVED_PREFIX + k: v for k, v in cell_metrics(served_fid, served_tasks).items()})
+                if ev.gsm_sem:
+                    extra["served_gsm_sem"] = gsm_sem_cell(served[cell], teacher.tokenizer, ev)
+                    metrics.update({SERVED_PREFIX + k: v for k, v in
+                                    gsm_sem_score.headline(extra["served_gsm_sem"]["metrics"]).items()})
                 extra.update({"served_tasks": served_tasks, "served_layers": served_fid.layers,
                               "served_export": str(exports[cell])})
             write_cell(study, cell, metrics, layers,

