@@ -63,6 +63,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    import torch
     import transformers
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -80,6 +81,7 @@ def main() -> None:
                                       bos_token_id=256, eos_token_id=257, pad_token_id=258)
     with tempfile.TemporaryDirectory(prefix="rss-vs-plan-") as tmp:
         work = Path(tmp)
+        torch.manual_seed(0)  # the same random teacher for every option
         transformers.LlamaForCausalLM(config).save_pretrained(work / "teacher")
         make_tiny_tokenizer().save_pretrained(work / "teacher")
         (work / "data.txt").write_text(corpus_text() * 4)

@@ -22,8 +22,7 @@ class ParallelConfig:
     dist_timeout: float = 600.0
     """seconds a collective waits for the other ranks before the job stops with an error"""
     cpu_offload: bool = False
-    """torchrun: keep the student's master shards, gradients and optimizer state in host memory (FSDP2's
-    CPUOffloadPolicy; the optimizer step runs on the CPU)"""
+    """torchrun: the student's shards, gradients and optimizer state in host memory (FSDP2 CPUOffloadPolicy)"""
 
     def __post_init__(self) -> None:
         if self.teacher_sharding not in TEACHER_SHARDING:

@@ -405,11 +405,12 @@ def propose(shape: LlamaShape, memory_bytes: float, batch_blocks: int, seq_len: 
 
 def fewest_gpus(shape: LlamaShape, memory_bytes: float, batch_blocks: int, seq_len: int, checkpointing: bool,
                 limit: int = 4096) -> int | None:
-    """The smallest number of GPUs (teacher sharded) on which the run fits, None beyond `limit`."""
+    """The smallest number of GPUs (teacher sharded) on which the run fits (training, evaluation and build), None
+    beyond `limit`."""
     gpus = 1
     while gpus <= limit:
         plan = plan_memory(shape, gpus, max(batch_blocks, gpus), seq_len, teacher_sharded=True)
-        if fits(plan, memory_bytes, checkpointing):
+        if why_not(plan, memory_bytes, checkpointing, None, gpus) is None:
             return gpus
         gpus *= 2
     return None
