@@ -52,7 +52,8 @@ HELP = "quantization-aware distillation of the student: KL-only QAD or CKA-QAD (
 
 # Fields that may differ between a run and its resumption.
 RESUME_MAY_CHANGE = {"resume", "out", "device", "progress", "steps", "eval_every",
-                     "teacher_sharding", "activation_checkpointing", "dist_timeout", "cpu_offload"}
+                     "teacher_sharding", "activation_checkpointing", "dist_timeout", "cpu_offload",
+                     "quantize_once_per_step"}
 
 
 @dataclass
