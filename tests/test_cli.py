@@ -27,7 +27,7 @@ from ckaqad.registry import Registry
 ROOT = Path(__file__).resolve().parents[1]
 # The spec: every command of `ckaqad`, in the order `ckaqad --help` lists them.
 COMMAND_NAMES = ["diagnose", "distill", "demo", "eval", "compare", "export", "rl", "damage", "recover", "study", "plan",
-                 "gsm-sem"]
+                 "upcycle", "gsm-sem"]
 # Flags each command's Config needs before it validates (exactly one export source, at least one compare dir).
 REQUIRED = {"export": ["--ptq"], "compare": ["somewhere"], "damage": ["--kind", "magnitude"],
             "recover": ["--student", "somewhere"], "study": ["study.yaml"],
