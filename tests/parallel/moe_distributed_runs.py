@@ -34,7 +34,7 @@ def make_workdir(root: Path) -> Path:
 def config(root: Path, out: Path) -> distill.Config:
     return distill.Config(
         teacher=str(root / "teacher"), device="cpu", out=str(out),
-        train=TrainConfig(steps=STEPS, lr=1e-4, warmup_steps=0, batch_size=4, cka_tokens=48, eval_every=STEPS,
+        train=TrainConfig(steps=STEPS, lr=1e-4, warmup_steps=0, batch_size=4, cka_tokens=48, eval_every=0,
                           eval_blocks=4, seed=0, progress=False),
         objective=ObjectiveConfig(loss="kl+cka"), quant=QuantConfig(calib_batch_size=2, calib_batches=2),
         data=DataConfig(data=str(root / "data.txt"), seq_len=SEQ_LEN),

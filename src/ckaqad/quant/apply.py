@@ -1,6 +1,8 @@
 """Turning a model into a fake-quantized student and managing its scales.
 
-`quantize_model_` swaps Linear layers for `QuantLinear` and groups fused siblings; `calibrate` max-calibrates
+`quantize_model_` swaps Linear layers for `QuantLinear`, groups fused siblings, makes transformers' fused experts
+`QuantExperts` (quant/experts.py) and classifies every parameter in the report's coverage (quantized, or kept by
+a named rule; an unruled block weight is an error unless `--allow-unquantized`); `calibrate` max-calibrates
 activation amaxes and freezes them; `freeze_scales` writes every amax the forward uses into buffers (so an
 export can read scales from a state dict); `cached_quantized_weights` holds the quantized weights during an
 evaluation. Scales (docs/method.md#nvfp4-and-the-comparison-formats): weight block scales are recomputed from
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ckaqad.errors import ConfigError
+from ckaqad.errors import ConfigError, ModelError
 from ckaqad.models.arch import (
     block_kind,
     decoder_layers,
@@ -214,7 +216,7 @@ def classify_coverage(model: nn.Module, report: QuantReport, config: QuantConfig
     try:
         block_prefixes = [name for name, m in model.named_modules() if m is decoder_layers(model)]
         blocks = block_prefixes[0] + "." if block_prefixes else None
-    except Exception:  # a model without recognised blocks: every tensor is checked alike
+    except ModelError:  # a model without recognised blocks: every tensor is checked alike
         blocks = None
     seen: set[int] = set()
     unruled: list[str] = []
@@ -277,20 +279,6 @@ def _quantized_of(module: QuantLinear | QuantExperts) -> list[nn.Parameter]:
     if isinstance(module, QuantLinear):
         return [module.weight]
     return [module.master(p) for p in module.layout.fused]
-
-
-def block_kind_params(model: nn.Module, report: QuantReport) -> dict[str, dict[str, int]]:
-    """Per block kind (mamba, attention, moe, mlp...): quantized and total parameters of its blocks."""
-    out: dict[str, dict[str, int]] = {}
-    layers = decoder_layers(model)
-    prefix = next(name for name, m in model.named_modules() if m is layers)
-    for i, block in enumerate(layers):
-        kind = out.setdefault(block_kind(block), {"quantized": 0, "total": 0})
-        for name, tensor in block.named_parameters():
-            full = f"{prefix}.{i}.{name}"
-            kind["total"] += tensor.numel()
-            kind["quantized"] += tensor.numel() if report.coverage.get(full, "").startswith("quantized") else 0
-    return out
 
 
 def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
