@@ -200,3 +200,25 @@ def test_rl_seeds_runs_each_algorithm_and_seed_once_and_summarises_the_final_eva
     calls.clear()
     bench.main()  # every run finished: nothing is run again
     assert calls == []
+
+
+# ------------------------------------------------------------------------------------------- MoE (issue 19)
+
+
+def test_bench_moe_quant_runs_every_mechanism_on_cpu(tmp_path, no_cuda, capsys):
+    bench = load_script("bench_moe_quant")
+    payload = bench.main(["--small", "--repeats", "1", "--json", str(tmp_path / "moe.json")])
+    mechanisms = [r["mechanism"] for r in payload["results"]]
+    assert mechanisms == ["bf16 experts (no quant)", "class swap (ckaqad)", "class swap, per-expert calls",
+                          "parametrization", "per-expert Linear"]  # each checked equal to ckaqad's output first
+    assert all(positive_finite(r["ms"]) for r in payload["results"])
+    assert strict_json(tmp_path / "moe.json")["results"] == json.loads(json.dumps(payload["results"]))
+    assert table_lines(capsys.readouterr().out, "Fused-experts fake quant: forward + backward of one MoE layer")
+
+
+def test_moe_coverage_reaches_99_percent_outside_declared_rules(tmp_path):
+    coverage = load_script("moe_coverage")
+    payload = coverage.main(["--json", str(tmp_path / "coverage.json")])
+    assert [r["family"] for r in payload["results"]] == ["qwen3", "qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3",
+                                                         "nemotron_h"]
+    assert all(r["share_outside_declared"] >= 0.99 and r["share"] >= 0.97 for r in payload["results"])

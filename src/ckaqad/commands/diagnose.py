@@ -24,6 +24,7 @@ from ckaqad.eval.fidelity import (
     token_rule,
 )
 from ckaqad.files import atomic_directory, check_writable, write_json, write_text
+from ckaqad.models.arch import block_kind, decoder_layers
 from ckaqad.models.load import load_model
 from ckaqad.quant.linear import DEFAULT_EXCLUDE, QuantConfig
 from ckaqad.report import html, plots, tables
@@ -53,6 +54,10 @@ class PTQOptions:
     """NVFP4 global scales: exact (amax/2688) or pow2 (amax rounded up to 2688*2^-k: exact in bf16 in any runtime)"""
     high_precision: str = QuantConfig.high_precision
     """norms, embeddings and unquantized layers: frozen (rounded to bf16 as the export stores them) or train (fp32)"""
+    recipe: str = QuantConfig.recipe
+    """named choice of what stays in high precision on top of --exclude: none or nemotron-nano-nvfp4"""
+    allow_unquantized: bool = QuantConfig.allow_unquantized
+    """warn (listing them) instead of failing when a block weight would stay in high precision with no rule"""
 
     def __post_init__(self) -> None:
         self.exclude = tuple(self.exclude)
@@ -137,8 +142,11 @@ def write_outputs(out: Path, results: dict[str, Fidelity], teacher_stats: dict, 
     """diagnosis.json (the documented format), cka_layers.png, diagnosis.md / .html and results.json."""
     d = ResultDir(out)
     teacher = {"source": meta.get("teacher"), **teacher_stats}
+    kinds = {label: tables.block_kind_summary(r.layers, meta.get("block_kinds", [])) for label, r in results.items()}
     # meta["teacher"] (the source string) must not overwrite the teacher's stats.
-    write_json(d.diagnosis_json, {"teacher": teacher, "variants": [r.to_dict() for r in results.values()],
+    write_json(d.diagnosis_json, {"teacher": teacher,
+                                  "variants": [{**r.to_dict(), "cka_by_block_kind": kinds[label]}
+                                               for label, r in results.items()],
                                   **{k: v for k, v in meta.items() if k != "teacher"}})
     plots.plot_cka_layers({r.label: [(row["index"], row["cka"]) for row in r.layers] for r in results.values()},
                           d.cka_layers, f"Layerwise CKA to the teacher ({meta.get('teacher')})")
@@ -147,7 +155,9 @@ def write_outputs(out: Path, results: dict[str, Fidelity], teacher_stats: dict, 
           f"({meta.get('token_rule')}).", "", *tables.fidelity_table(results, teacher_stats["perplexity"]), "",
           "Quantized layers:", "", *tables.coverage_lines(meta.get("quantization", {})), "",
           f"![per-layer CKA]({d.CKA_LAYERS})", "", "## Per-layer CKA (biased, all held-out tokens)", "",
-          *tables.layer_table(results), "", *interval_lines(results), *massive_lines(teacher_stats, meta),
+          *tables.layer_table(results), "", "## CKA per block kind: mean (min)", "",
+          *tables.block_kind_lines(kinds), "",
+          *interval_lines(results), *massive_lines(teacher_stats, meta),
           f"Run time: {meta.get('runtime_s', 0):.1f} s on {meta.get('device')}.",
           ""]
     text = "\n".join(md)
@@ -263,11 +273,16 @@ def run(config: Config, progress: bool = True) -> dict:
     meta = {"teacher": config.teacher, "data": blocks.describe(), "device": str(device),
             "cka_tokens": next(iter(results.values())).cka_tokens, "token_rule": token_rule(config.n_sink),
             "eval_blocks": n_eval, "seq_len": config.data.seq_len, "runtime_s": runtime,
-            "quantization": reports, "config": config.flat()}
+            "quantization": reports, "config": config.flat(),
+            "block_kinds": [block_kind(b) for b in decoder_layers(students[next(iter(students))])]}
     with atomic_directory(out) as tmp:
         write_outputs(tmp, results, teacher_stats, meta)
     if progress:
         print_summary(results, teacher_stats["perplexity"])
+        kinds = {label: tables.block_kind_summary(r.layers, meta["block_kinds"]) for label, r in results.items()}
+        print("CKA per block kind, mean (min):", "; ".join(
+            f"{label}: " + ", ".join(f"{k} {v['mean']:.4f} ({v['min']:.4f})" for k, v in s.items())
+            for label, s in kinds.items()))
         print(f"wrote {out}/diagnosis.json, diagnosis.md, diagnosis.html, cka_layers.png, results.json "
               f"({runtime:.1f} s)")
     return {"results": results, "teacher": teacher_stats, "meta": meta}

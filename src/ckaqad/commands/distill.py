@@ -139,6 +139,8 @@ def make_student(config: Config, teacher: LoadedModel, blocks: TokenBlocks, worl
         calibration = rank_calibration(blocks, config.quant, world) if world.distributed else blocks
         student, report = build_ptq_student(teacher.model, config.quant, calibration)
         max_reduce_buffers_(student)  # the amaxes of every rank's batches; nothing to do in a plain process
+        if world.is_main:
+            print(report.summary())
         return student, report.to_dict()
     # A loaded student trains as it is: quantized layers stay quantized with their saved scales, an
     # unquantized one (a pruned or fine-tuned model) trains in float32.

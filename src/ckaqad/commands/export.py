@@ -20,6 +20,7 @@ from ckaqad.export.writer import ExportSummary, check_out_dir, export_student
 from ckaqad.files import check_writable
 from ckaqad.models.load import load_model
 from ckaqad.paths import RunDir, detect, run_teacher_spec
+from ckaqad.quant.apply import coverage_of
 from ckaqad.quant.linear import QuantConfig
 from ckaqad.students.spec import build_ptq_student, load_student, run_student_source
 
@@ -103,6 +104,7 @@ def run(config: Config) -> ExportSummary:
         student, _ = build_ptq_student(teacher.model, quant, blocks)
     else:
         student = load_student(source, teacher.model).model
+    print(coverage_of(student).coverage_line())
     summary = export_student(student, teacher.tokenizer, out_dir, config.layout, overwrite=config.overwrite,
                              teacher_dir=teacher.model_dir, shard_size_bytes=config.shard_size_mb * 2**20)
     print(summary.table())

@@ -140,14 +140,17 @@ def broadcast_text(text: str | None) -> str:
 def max_reduce_buffers_(model: torch.nn.Module, names: tuple[str, ...] = ("input_amax", "weight_amax")) -> int:
     """Max-reduce the named buffers of every submodule over ranks, in place: calibration amaxes observed on
     each rank's share of the calibration batches become the amax of all of them (max is exact, so this equals
-    calibrating every batch in one process). Returns how many buffers were reduced."""
-    buffers = [b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] in names]
+    calibrating every batch in one process). A buffer matches by its last name or a `_<name>` suffix (fused
+    experts' `gate_up_proj_input_amax`, per-expert `down_proj_weight_amax` [E]). Returns how many buffers
+    were reduced."""
+    buffers = [b for n, b in model.named_buffers()
+               if any(n.rsplit(".", 1)[-1] == name or n.endswith(f"_{name}") for name in names)]
     if not buffers or not group_is_joined():
         return len(buffers)
-    flat = torch.stack([b.detach().float().reshape(()) for b in buffers])
+    flat = torch.cat([b.detach().float().reshape(-1) for b in buffers])
     all_reduce_(flat, "max")
-    for buffer, value in zip(buffers, flat, strict=True):
-        buffer.fill_(value)
+    for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+        buffer.copy_(value.reshape(buffer.shape))
     return len(buffers)
 
 

@@ -25,7 +25,7 @@ from ckaqad.formats.nvfp4_runtime import (
     vllm_emulation_fake_quantize,
 )
 from ckaqad.formats.ste import straight_through
-from ckaqad.registry import unknown_name
+from ckaqad.registry import Registry, unknown_name
 
 # scheme -> quantize activations (inputs of Linear layers)?  Weights are always quantized.
 SCHEMES: dict[str, bool] = {"w4a16": False, "w4a4": True}
@@ -47,6 +47,12 @@ HIGH_PRECISION = ("frozen", "train")
 # Modules left in high precision by default: the output head and MoE routers (embeddings and norms are
 # not Linear layers, so they are never swapped).
 DEFAULT_EXCLUDE = ("lm_head", "*.router", "*.gate")
+# Named choices of what stays in high precision on top of --exclude (quant/apply.py#recipe_exclusions).
+RECIPES: Registry[str] = Registry("recipe", flag="--recipe")
+RECIPES.register("none", "only --exclude and the default rules")
+RECIPES.register("nemotron-nano-nvfp4", "NVIDIA's published Nemotron-3-Nano NVFP4: attention projections and the "
+                                        "Mamba in/out projections of the block just before each attention block "
+                                        "stay BF16")
 # Linear layers that serving engines fuse into one GEMM; they must share global scales.
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
@@ -73,6 +79,10 @@ class QuantConfig:
     """NVFP4 global scales: exact (amax/2688) or pow2 (amax rounded up to 2688*2^-k: exact in bf16 in any runtime)"""
     high_precision: str = "frozen"
     """norms, embeddings and unquantized layers: frozen (rounded to bf16 as the export stores them) or train (fp32)"""
+    recipe: str = "none"
+    """named choice of what stays in high precision on top of --exclude: none or nemotron-nano-nvfp4"""
+    allow_unquantized: bool = False
+    """warn (listing them) instead of failing when a block weight would stay in high precision with no rule"""
 
     def __post_init__(self) -> None:
         FORMATS.check(self.format)
@@ -93,6 +103,7 @@ class QuantConfig:
             raise unknown_name("high-precision policy (--high-precision)", self.high_precision, HIGH_PRECISION)
         if self.calib_batches < 1 or self.calib_batch_size < 1:
             raise ConfigError("--calib-batches and --calib-batch-size must be at least 1")
+        RECIPES.check(self.recipe)
         # `--exclude a,b` and `--exclude a b` (and a YAML list) name the same patterns.
         self.exclude = tuple(p.strip() for entry in self.exclude for p in str(entry).split(",") if p.strip())
 

@@ -81,3 +81,32 @@ def spread_table(spread: dict) -> list[str]:
     lines.append("| spread (max − min over deployments) | "
                  + " | ".join(cell(spread["spread"][c]["range"]) for c in columns) + " |")
     return lines
+
+
+def block_kind_summary(layers: list[dict], kinds: list[str]) -> dict[str, dict]:
+    """Per block kind (mamba, attention, moe, mlp, attention+moe...): mean and min CKA over its blocks.
+    `layers`: a Fidelity's per-layer rows (`index`, `cka`); `kinds[i]`: the kind of block i."""
+    out: dict[str, dict] = {}
+    for row in layers:
+        index = row["index"]
+        if not 0 <= index < len(kinds):
+            continue
+        entry = out.setdefault(kinds[index], {"layers": [], "values": []})
+        entry["layers"].append(index)
+        entry["values"].append(row["cka"])
+    return {kind: {"mean": sum(e["values"]) / len(e["values"]), "min": min(e["values"]), "layers": e["layers"]}
+            for kind, e in out.items()}
+
+
+def block_kind_lines(summaries: dict[str, dict[str, dict]]) -> list[str]:
+    """`| block kind | blocks | <label> mean (min) ... |`: the CKA of every block type, per student."""
+    labels = list(summaries)
+    kinds = list(dict.fromkeys(k for s in summaries.values() for k in s))
+    if not kinds:
+        return []
+    lines = ["| block kind | blocks | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for kind in kinds:
+        first = next(s[kind] for s in summaries.values() if kind in s)
+        cells = [f"{s[kind]['mean']:.4f} ({s[kind]['min']:.4f})" if kind in s else "–" for s in summaries.values()]
+        lines.append(f"| {kind} | {len(first['layers'])} | " + " | ".join(cells) + " |")
+    return lines

@@ -23,7 +23,14 @@ from ckaqad.errors import CheckpointError, ConfigError
 from ckaqad.export.reader import load_export
 from ckaqad.models.load import load_model
 from ckaqad.paths import RunDir, ShardedCheckpointDir, StudentDir, detect
-from ckaqad.quant.apply import QuantReport, calibrate, quant_config_of, quant_linears, quantize_model_
+from ckaqad.quant.apply import (
+    QuantReport,
+    calibrate,
+    quant_config_of,
+    quant_experts,
+    quantize_model_,
+    quantized_parameters,
+)
 from ckaqad.quant.linear import QuantConfig
 from ckaqad.registry import Registry
 from ckaqad.students.store import check_vocabulary, consolidate_sharded_checkpoint, load_student_dir
@@ -62,13 +69,15 @@ def build_ptq_student(teacher: nn.Module, quant: QuantConfig, blocks: TokenBlock
         calibrate(student, calibration_batches(blocks, quant, device))
     else:
         calibrate(student, iter(()))  # freezes weight amaxes where configured; no activations to observe
+    report.calibration_tokens = {name: m.calib_tokens.tolist() for name, m in quant_experts(student).items()
+                                 if quant.quantize_inputs}
     return make_trainable(student.train(False)), report
 
 
 def high_precision_parameters(student: nn.Module) -> list[nn.Parameter]:
     """The float parameters of a quantized student other than its quantized weights: norms, embeddings (a tied
     head once), biases and unquantized Linear layers such as the head — what an export stores in bf16."""
-    quantized = {id(m.weight) for m in quant_linears(student).values()}
+    quantized = {id(p) for p in quantized_parameters(student)}
     return [p for p in student.parameters() if p.is_floating_point() and id(p) not in quantized]
 
 

@@ -24,7 +24,7 @@ from ckaqad.errors import CheckpointError
 from ckaqad.files import atomic_directory
 from ckaqad.models.arch import tied_output_name
 from ckaqad.paths import CheckpointDir, ShardedCheckpointDir, StudentDir
-from ckaqad.quant.apply import quant_config_of, quant_linears, quantize_model_
+from ckaqad.quant.apply import quant_config_of, quant_modules, quantize_model_
 from ckaqad.quant.linear import QuantConfig
 
 
@@ -53,7 +53,7 @@ def save_architecture(student: nn.Module, path: Path, tokenizer=None, extra: dic
         tokenizer.save_pretrained(directory.root)
     config = quant_config_of(student)
     # Module names as the state dict spells them (an activation-checkpoint wrapper is not part of the name).
-    quantized = sorted(name.replace(_CHECKPOINT_PREFIX, "") for name in quant_linears(student))
+    quantized = sorted(name.replace(_CHECKPOINT_PREFIX, "") for name in quant_modules(student))
     meta = {"quant": asdict(config) if config else None, "quantized": quantized, **(extra or {})}
     directory.meta.write_text(json.dumps(meta, indent=2))
 

@@ -1,0 +1,64 @@
+"""FSDP2 on a tiny MoE (qwen3_moe, quantized experts): 2 processes compute what 1 process computes, and the
+fused 3-D expert parameters are sharded along the expert axis. Tolerance as tests/parallel/test_distributed.py:
+2e-6 absolute on the weights (the same FP32 numbers added in another order), calibration amaxes bitwise equal
+(max-reduced over ranks, per-expert vectors included)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from moe_distributed_runs import config, make_workdir
+from safetensors.torch import load_file
+
+from ckaqad.commands import distill
+
+HERE = Path(__file__).resolve().parent
+WEIGHT_ATOL = 2e-6
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    import os
+
+    root = make_workdir(tmp_path_factory.mktemp("moe_distributed"))
+    distill.run(config(root, root / "r1"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    launch = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                             str(HERE / "moe_worker.py"), str(root)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert launch.returncode == 0, launch.stderr[-4000:]
+    return root
+
+
+def test_two_processes_train_the_moe_student_one_process_trains(runs):
+    a = load_file(str(runs / "r1" / "student" / "model.safetensors"))
+    b = load_file(str(runs / "r2" / "student" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    experts = [k for k in a if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(experts) == 4
+    teacher = load_file(str(runs / "teacher" / "model.safetensors"))
+    assert not any(k in teacher for k in experts)  # saved per expert by save_pretrained; compare to the student
+    diffs = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point()}
+    assert max(diffs.values()) <= WEIGHT_ATOL, sorted(diffs.items(), key=lambda kv: -kv[1])[:4]
+    amaxes = [k for k in a if k.endswith("_amax")]
+    assert any(a[k].dim() == 1 for k in amaxes)  # per-expert weight amaxes [E]
+    assert all(torch.equal(a[k], b[k]) for k in amaxes)
+    assert all(bool((a[k] > 0).all()) for k in amaxes if k.endswith("input_amax"))
+
+
+def test_fsdp2_shards_the_fused_expert_parameters_along_the_experts(runs):
+    for rank in (0, 1):
+        shapes = json.loads((runs / f"moe-worker-{rank}.json").read_text())
+        for name, record in shapes.items():
+            assert record["placements"] in (["S(0)"], ["Shard(dim=0)"]), name
+            assert record["local"][0] * 2 == record["global"][0] == 8, name
+            assert record["local"][1:] == record["global"][1:], name
