@@ -207,6 +207,24 @@ def test_resume_with_a_changed_config_is_refused(workdir, straight):
     distill.check_resume_config(RunDir(straight), distill.flat_fields(allowed))
 
 
+def test_a_run_saved_before_a_field_existed_resumes_at_its_default_only(workdir, straight, tmp_path):
+    """A run whose config.yaml predates a field (here compute_dtype, added this wave) resumes when the field is
+    at its default, which computes what the run did, and is refused when it is not."""
+    import shutil
+
+    import yaml
+
+    old = tmp_path / "old-run"
+    shutil.copytree(straight, old)
+    saved = yaml.safe_load(RunDir(old).config.read_text())
+    assert saved.pop("compute_dtype") == "auto"
+    RunDir(old).config.write_text(yaml.safe_dump(saved))
+    current = distill.flat_fields(base_config(workdir, "elsewhere", resume=str(old)))
+    distill.check_resume_config(RunDir(old), current)
+    with pytest.raises(CheckpointError, match=r"compute_dtype: None -> 'float32'"):
+        distill.check_resume_config(RunDir(old), {**current, "compute_dtype": "float32"})
+
+
 def test_resume_needs_a_run_directory_with_a_checkpoint(workdir, straight, tmp_path):
     with pytest.raises(CheckpointError, match="no such run directory"):
         distill.build_trainee(base_config(workdir, "unused", resume=str(tmp_path / "missing")))

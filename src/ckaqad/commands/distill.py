@@ -92,12 +92,33 @@ def flat_fields(config) -> dict:
     return out
 
 
+def flat_defaults(cls: type) -> dict:
+    """The default of every field of the dataclass `cls`, nested dataclasses flattened as `flat_fields` does."""
+    out: dict = {}
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        else:
+            continue
+        if dataclasses.is_dataclass(value):
+            out.update(flat_fields(value))
+        else:
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def check_resume_config(run: RunDir, current: dict) -> None:
     """CheckpointError naming the fields of `current` that differ from the run's saved config and may not
     change on resume."""
     if not run.config.is_file():
         raise CheckpointError(f"--resume {run.root}: not a run directory (no {run.CONFIG})")
     saved = yaml.safe_load(run.config.read_text()) or {}
+    # A field added after the run was saved is absent from its config: at its default it computes what the run
+    # computed (every new field's default keeps the old behaviour), so the run resumes.
+    defaults = flat_defaults(Config)
+    saved.update({k: v for k, v in current.items() if k not in saved and k in defaults and v == defaults[k]})
     differ = sorted(k for k in set(saved) | set(current)
                     if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k))
     if differ:
