@@ -22,15 +22,7 @@ from ckaqad.eval.gsm_sem.checks import (
     safe_eval,
 )
 from ckaqad.eval.gsm_sem.data import load_gsm8k
-
-JANET = ("Janet’s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for her "
-         "friends every day with four. She sells the remainder at the farmers' market daily for $2 per fresh duck "
-         "egg. How much in dollars does she make every day at the farmers' market?")
-JANET_SOLUTION = ("Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every "
-                  "day at the farmer’s market.\n#### 18")
-JANET_VARIANT = ("Omar’s hens lay 16 eggs per day. He uses three for omelettes every morning and gives his neighbours "
-                 "four every day. He sells the rest at the village shop daily for $2 per egg. How much in dollars "
-                 "does he make every day at the shop?")
+from tests.eval.gsm_sem_helpers import JANET, JANET_SOLUTION, JANET_VARIANT
 
 
 @pytest.mark.parametrize("expression, value", [

@@ -55,7 +55,7 @@ class Config:
     generator_url: str | None = None
     """OpenAI-compatible endpoint of the generator (e.g. http://127.0.0.1:8000/v1); None: a local model"""
     api_key_env: str = "OPENAI_API_KEY"
-    """environment variable holding the endpoint's API key (unset: a placeholder key local servers accept)"""
+    """environment variable holding the endpoint's API key (unset: no key, for local servers)"""
     judges: str = "default"
     """comma list of judges: local specs, served names at --judge-url, or name@URL (a server of its own)"""
     judge_url: str | None = None
