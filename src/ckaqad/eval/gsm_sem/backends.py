@@ -75,7 +75,7 @@ class OpenAIBackend:
             raise ConfigError(f"--generator-url must be an http(s) URL, got {url!r}")
         self._openai = openai
         self.url, self.model = url.rstrip("/"), model
-        # The openai client refuses an empty key; without one we send "EMPTY", the value vLLM documents for keyless servers.
+        # The openai client refuses an empty key; without one, send "EMPTY" (vLLM's value for keyless servers).
         self._client = openai.OpenAI(base_url=self.url, api_key=os.environ.get(api_key_env) or "EMPTY",
                                      timeout=timeout, max_retries=max_retries)
 
