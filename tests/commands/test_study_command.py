@@ -174,6 +174,22 @@ def test_bad_study_configs_fail_before_anything_is_written(tmp_path, teacher, ov
     assert not (tmp_path / "out").exists()
 
 
+def test_train_only_trains_every_cell_and_a_later_run_only_evaluates(tmp_path, teacher, monkeypatch):
+    config = study.Config(spec=spec(tmp_path, teacher, methods=["ptq", "kl"], seeds=[0]), out=str(tmp_path / "out"),
+                          device="cpu", train_only=True)
+    first = study.run(config)
+    assert first["trained"] == 1
+    assert sorted(first["cells"].values()) == ["new", "new", "trained"]  # teacher and PTQ train nothing
+    assert not StudyDir(Path(config.out)).json.exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a trained cell was trained again")
+
+    monkeypatch.setattr(study.distill, "run", no_training)
+    second = study.run(study.Config(spec=config.spec, out=config.out, device="cpu"))
+    assert second["meta"]["trained"] == 0 and second["meta"]["evaluated"] == 3
+
+
 def test_cli_dry_run_lists_the_cells(finished, capsys):
     config, _ = finished
     assert cli.main(["study", config.spec, "--out", config.out, "--dry-run"]) == 0

@@ -88,6 +88,9 @@ class Config:
     """cpu or cuda (default: cuda when available)"""
     dry_run: bool = False
     """list the cells and whether each is done, and stop"""
+    train_only: bool = False
+    """train (or resume) the missing cells and stop before evaluating; a later run without it evaluates them
+    (a long grid can train first and be scored once the evaluation budget is known)"""
 
 
 @dataclass
@@ -513,10 +516,16 @@ def run(config: Config) -> dict:
                 print(f"== training {cell.label()}")
                 train_cell(study, cell, states[cell], teacher, config.device)
                 trained += 1
+        if config.train_only:
+            del teacher
+            continue
         print(f"== evaluating {len(todo)} cells of {model}")
         evaluate_cells(study, todo, teacher, config.device)
         evaluated += len(todo)
         del teacher
+    if config.train_only:
+        print(f"trained {trained} cells; evaluate them with the same command without --train-only")
+        return {"cells": {c.label(): cell_state(study, c) for c in cells}, "trained": trained}
     records = read_cells(study)
     result = aggregate(records, study.pairs)
     limit = f"a fixed seeded subset of {study.eval.limit} documents per task" if study.eval.limit else "all documents"
