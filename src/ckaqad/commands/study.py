@@ -89,8 +89,7 @@ class Config:
     dry_run: bool = False
     """list the cells and whether each is done, and stop"""
     train_only: bool = False
-    """train (or resume) the missing cells and stop before evaluating; a later run without it evaluates them
-    (a long grid can train first and be scored once the evaluation budget is known)"""
+    """train (or resume) the missing cells and stop; the same command without it then evaluates them"""
 
 
 @dataclass
