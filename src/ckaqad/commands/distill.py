@@ -27,7 +27,7 @@ from ckaqad.errors import CheckpointError, ConfigError
 from ckaqad.eval.fidelity import measure_fidelity
 from ckaqad.files import atomic_directory, check_writable, write_json, write_text
 from ckaqad.models.arch import num_layers
-from ckaqad.models.load import LoadedModel, load_model
+from ckaqad.models.load import LoadedModel, default_dtype, load_model, load_model_on_meta
 from ckaqad.objectives.compose import Composite, ObjectiveConfig
 from ckaqad.parallel.config import ParallelConfig
 from ckaqad.parallel.dist import World, barrier, joined_world, max_reduce_buffers_
@@ -39,10 +39,17 @@ from ckaqad.parallel.fsdp import (
     rank_memory_bytes,
     shard_model,
 )
+from ckaqad.parallel.loading import materialize_
 from ckaqad.paths import RunDir
 from ckaqad.quant.linear import QuantConfig
 from ckaqad.report.plots import plot_run
-from ckaqad.students.spec import build_ptq_student, load_student, make_trainable
+from ckaqad.students.spec import (
+    build_ptq_student,
+    calibrate_ptq_student,
+    load_student,
+    make_trainable,
+    ptq_skeleton,
+)
 from ckaqad.students.store import save_student_dir
 from ckaqad.train import trainer
 from ckaqad.train.checkpointer import CheckpointConfig, CheckpointManager
@@ -53,7 +60,7 @@ HELP = "quantization-aware distillation of the student: KL-only QAD or CKA-QAD (
 # Fields that may differ between a run and its resumption.
 RESUME_MAY_CHANGE = {"resume", "out", "device", "progress", "steps", "eval_every",
                      "teacher_sharding", "activation_checkpointing", "dist_timeout", "cpu_offload",
-                     "quantize_once_per_step"}
+                     "quantize_once_per_step", "load_method"}
 
 
 @dataclass
@@ -142,13 +149,17 @@ def run_dir_of(config: Config) -> RunDir:
     return run
 
 
-def rank_calibration(blocks: TokenBlocks, quant: QuantConfig, world: World) -> TokenBlocks:
+def rank_calibration(blocks: TokenBlocks, quant: QuantConfig, world: World, equal_counts: bool = False
+                     ) -> TokenBlocks:
     """This rank's share of the calibration batches (batches r, r+N, ...; whole batches, so each is the batch
     one process would see) as the first training blocks, which is where `build_ptq_student` calibrates. A rank
-    left without a batch repeats one (max-reduction makes repeats harmless)."""
+    left without a batch repeats one (max-reduction makes repeats harmless). `equal_counts`: every rank gets as
+    many batches as the busiest (repeating its first), as a sharded student's forward is a collective."""
     limit = min(quant.calib_batches * quant.calib_batch_size, blocks.train.shape[0])
     starts = list(range(0, limit, quant.calib_batch_size))
     mine = starts[world.rank::world.size] or [starts[world.rank % len(starts)]]
+    if equal_counts:
+        mine += mine[:1] * (-(-len(starts) // world.size) - len(mine))
     rows = torch.cat([blocks.train[s:min(s + quant.calib_batch_size, limit)] for s in mine])
     return dataclasses.replace(blocks, train=rows)
 
@@ -207,15 +218,21 @@ def build_trainee(config: Config, teacher_loaded: LoadedModel | None = None, wor
                           f"split over {world.size} processes; choose a multiple of {world.size}")
     barrier()  # every rank has checked the run directory before rank 0 may create it
     torch.manual_seed(config.train.seed)
-    teacher = teacher_loaded or load_model(config.teacher, device=world.device(config.device))
-    blocks = load_blocks(config.data, teacher.model, teacher.tokenizer)
+    on_meta = builds_on_meta(config, teacher_loaded, world)
+    if on_meta:
+        teacher, blocks, student, report = build_sharded(config, world)
+    else:
+        teacher = teacher_loaded or load_model(config.teacher, device=world.device(config.device))
+        blocks = load_blocks(config.data, teacher.model, teacher.tokenizer)
     tokens_per_batch = cfg.batch_size * (config.data.seq_len - cfg.n_sink)
     if config.objective.uses_states and cfg.cka_tokens > tokens_per_batch:
         raise ConfigError(f"--cka-tokens {cfg.cka_tokens} is larger than the {tokens_per_batch} valid tokens "
                           f"of a micro-batch ({cfg.batch_size} x {config.data.seq_len}, sinks excluded)")
-    student, report = make_student(config, teacher, blocks, world)
+    if not on_meta:
+        student, report = make_student(config, teacher, blocks, world)
     layer_map = LayerMap.parse(config.layer_map, num_layers(student), num_layers(teacher.model), config.layers)
-    place_models(student, teacher, config.parallel, world)
+    if not on_meta:
+        place_models(student, teacher, config.parallel, world)
     optimizer, scheduler = trainer.make_optimizer(student, cfg)
     trainee = Trainee(config=cfg, teacher=teacher.model, student=student, tokenizer=teacher.tokenizer,
                       blocks=blocks, layer_map=layer_map, objective=Composite(config.objective),
@@ -227,16 +244,51 @@ def build_trainee(config: Config, teacher_loaded: LoadedModel | None = None, wor
     return trainee, report
 
 
-def place_models(student: torch.nn.Module, teacher: LoadedModel, parallel: ParallelConfig, world: World) -> str | None:
+def builds_on_meta(config: Config, teacher_loaded: LoadedModel | None, world: World) -> bool:
+    """Whether this run builds teacher and PTQ student on the meta device and loads each rank's shards (a
+    torchrun job with a ptq student; a loaded student or a teacher passed in loads as a plain process does)."""
+    return (world.distributed and teacher_loaded is None and config.student == "ptq"
+            and config.parallel.load_method != "whole")
+
+
+def build_sharded(config: Config, world: World) -> tuple[LoadedModel, TokenBlocks, torch.nn.Module, dict]:
+    """(teacher, data, student, quantization report) of a torchrun job, never whole in any process: both
+    models built on the meta device and sharded (place_models), then each rank fills its shards from the
+    teacher's safetensors files (a GGUF teacher's cache), and the student is calibrated sharded, each rank on
+    its share of the calibration batches, amaxes max-reduced (docs/distributed.md#meta-device-construction).
+    Numbers: those of `make_student` in one process (a test compares the runs)."""
+    device = torch.device(world.device(config.device))
+    teacher = load_model_on_meta(config.teacher, default_dtype(device))
+    student, report = ptq_skeleton(teacher.model, config.quant)
+    place_models(student, teacher, config.parallel, world, device=device)
+    method = config.parallel.load_method
+    materialize_(teacher.model, teacher.model_dir, device, method)
+    teacher_dtype = next(teacher.model.parameters()).dtype
+    # the plain path copies the loaded teacher into float32: the file's values rounded to the teacher's dtype
+    materialize_(student, teacher.model_dir, device, method,
+                 round_to=teacher_dtype if teacher_dtype != torch.float32 else None)
+    teacher.on_meta = False
+    blocks = load_blocks(config.data, teacher.model, teacher.tokenizer)
+    calibration = rank_calibration(blocks, config.quant, world, equal_counts=True)
+    calibrate_ptq_student(student, report, config.quant, calibration, device)
+    max_reduce_buffers_(student)
+    if world.is_main:
+        print(report.summary())
+    return teacher, blocks, student, report.to_dict()
+
+
+def place_models(student: torch.nn.Module, teacher: LoadedModel, parallel: ParallelConfig, world: World,
+                 device: torch.device | None = None) -> str | None:
     """Activation checkpointing (any world) and, under torchrun, FSDP2: the student sharded per block, the
-    teacher sharded or replicated. Returns the teacher's placement (None for a plain process)."""
+    teacher sharded or replicated. Returns the teacher's placement (None for a plain process). `device`: where
+    the shards go (default: where the student's parameters are; a meta-built student's are nowhere yet)."""
     if parallel.activation_checkpointing:
         apply_activation_checkpointing(student)
     if not world.distributed:
         if parallel.cpu_offload:
             raise ConfigError("--cpu-offload needs a sharded run (torchrun): FSDP2 offloads the student's shards")
         return None
-    device = next(student.parameters()).device
+    device = device or next(student.parameters()).device
     shard_model(student, device, trainable=True, cpu_offload=parallel.cpu_offload)
     placement = choose_teacher_sharding(parallel.teacher_sharding, parameter_bytes(teacher.model),
                                         rank_memory_bytes(device))
@@ -271,7 +323,9 @@ def _run(config: Config, teacher_loaded: LoadedModel | None, world: World) -> di
     summary = {"final": final, "steps": config.train.steps, "loss": config.objective.loss,
                # W4A4 turns float32 summation-order differences into FP4 rounding flips, so runs on CPU compare
                # only at equal intra-op threads (docs/distributed.md#equal-arithmetic); torchrun sets 1 per rank.
-               "cpu_threads": torch.get_num_threads()}
+               "cpu_threads": torch.get_num_threads(),
+               # how the models came to be: built on meta and read shard by shard, or loaded whole per process
+               "build": "meta" if builds_on_meta(config, teacher_loaded, world) else "whole"}
     if world.is_main:
         with atomic_directory(trainee.run.student.root) as tmp:
             save_student_dir(trainee.student, tmp, trainee.tokenizer,

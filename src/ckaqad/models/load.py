@@ -147,6 +147,7 @@ class LoadedModel:
     tokenizer: object
     source: str
     model_dir: Path
+    on_meta: bool = False  # parameters on the meta device: `parallel.loading.materialize_` fills them
 
 
 def load_model(spec: str | os.PathLike, device: torch.device | str | None = None,
@@ -171,3 +172,41 @@ def load_model(spec: str | os.PathLike, device: torch.device | str | None = None
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(spec), model_dir=model_dir)
+
+
+def weight_keys(model_dir: Path) -> dict[str, Path]:
+    """{tensor name: safetensors file} of an HF model directory (one file or an index's shards); {} when the
+    directory has no safetensors weights (a .bin checkpoint: never read here, pickle)."""
+    from safetensors import safe_open
+
+    out: dict[str, Path] = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            out.update({key: file for key in fh.keys()})
+    return out
+
+
+def load_model_on_meta(spec: str | os.PathLike, dtype: torch.dtype) -> LoadedModel:
+    """The causal LM of `spec` built from its config with parameters on the meta device (no memory) and
+    buffers (rotary frequencies) computed on the host as its constructor computes them, plus its tokenizer.
+    A `.gguf` teacher resolves to its safetensors cache first (converted once), so the weights are read from
+    that cache. The parameters get values from `parallel.loading.materialize_`, after sharding."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = resolve_model_dir(spec)
+    check_causal_lm(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        # include_buffers=False: non-persistent buffers (inv_freq) are not in the weight files, so they must
+        # be computed here; only parameters go to meta.
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as exc:
+        raise ModelError(f"cannot build the model in {model_dir}: {exc}") from exc
+    model.config._name_or_path = str(model_dir)  # what from_pretrained records (the corpus cache key reads it)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(spec), model_dir=model_dir, on_meta=True)

@@ -33,7 +33,7 @@ from ckaqad.formats import CALIBRATED_FORMATS, backends, get_format
 from ckaqad.formats.nvfp4_runtime import pow2_global_amax
 from ckaqad.formats.ste import straight_through
 from ckaqad.models.arch import ExpertsLayout, experts_layout
-from ckaqad.quant.linear import SERVED_FUNCTIONS, QuantConfig, StepQuantizedWeights
+from ckaqad.quant.linear import SERVED_FUNCTIONS, QuantConfig, StepQuantizedWeights, abs_max
 
 
 def global_amax(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
@@ -129,7 +129,7 @@ class QuantExperts(StepQuantizedWeights, nn.Module):
 
     def current_weight_amax(self, param: str) -> torch.Tensor:
         """Per-expert global amax [E] of the current weights (pow2-rounded where configured)."""
-        amax = self.master(param).detach().abs().amax(dim=(-2, -1)).float()
+        amax = abs_max(self.master(param), dim=(-2, -1))
         return global_amax(amax, self.quant_config.global_scale == "pow2")
 
     def weight_global_amax(self, param: str) -> torch.Tensor | None:

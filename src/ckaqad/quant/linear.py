@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
 from ckaqad.errors import ConfigError
@@ -120,6 +121,13 @@ class QuantConfig:
         return get_format(self.format).BLOCK_SIZE
 
 
+def abs_max(weight: torch.Tensor, dim: tuple[int, ...] | None = None) -> torch.Tensor:
+    """max |weight| (over `dim`, default all) in float32 as a plain tensor: of a sharded weight outside a
+    forward (calibrating a meta-built student, parallel/loading.py) the max over every rank's shard."""
+    amax = weight.detach().abs().amax(dim=dim if dim is not None else ()).float()
+    return amax.full_tensor() if isinstance(amax, DTensor) else amax
+
+
 class SiblingGroup:
     """Fused siblings sharing global scales. Not a Module, so its members are not registered twice."""
 
@@ -136,7 +144,7 @@ class SiblingGroup:
         # Recomputed on every call, not cached on tensor versions: FSDP2's all-gather refills the same storage
         # and preserves version counters, so such a cache goes stale silently. It reads the group's weights
         # once, which is small next to fake-quantizing them.
-        amax = torch.stack([m.weight.detach().abs().amax().float() for m in self.members]).amax()
+        amax = torch.stack([abs_max(m.weight) for m in self.members]).amax()
         return self.members[0].global_amax(amax)
 
     def share_input_amax(self) -> None:
@@ -295,7 +303,7 @@ class QuantLinear(StepQuantizedWeights, nn.Module):
         """The weight global amax of the current weights (group-wide for fused siblings)."""
         if self.group is not None:
             return self.group.weight_amax()
-        return self.global_amax(self.weight.detach().abs().amax().float())
+        return self.global_amax(abs_max(self.weight))
 
     def weight_global_amax(self) -> torch.Tensor | None:
         """The amax the weight's global scale is taken from: frozen at calibration, or of the current weights."""

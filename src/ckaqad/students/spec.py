@@ -55,14 +55,28 @@ def build_ptq_student(teacher: nn.Module, quant: QuantConfig, blocks: TokenBlock
     float32 master weights: QAD learning rates (1e-5..1e-6) vanish under bf16 rounding; the forward runs
     under autocast on GPU.
     """
+    student, report = ptq_skeleton(teacher, quant)
+    return calibrate_ptq_student(student, report, quant, blocks, next(teacher.parameters()).device), report
+
+
+def ptq_skeleton(teacher: nn.Module, quant: QuantConfig) -> tuple[nn.Module, QuantReport]:
+    """The PTQ student before calibration: a float32 copy of `teacher` with its Linear layers swapped for
+    QuantLinear. A teacher on the meta device gives a student on the meta device (a sharded run fills it after
+    `fully_shard`, parallel/loading.py), with its quantizer buffers on the host, zero."""
     student = copy.deepcopy(teacher).float()
     report = quantize_model_(student, quant)
     if not report.quantized:
         raise ConfigError(f"no Linear layer of this model can be quantized with {quant.format}: "
                           f"{next(iter(report.excluded.values()), 'none found')}")
+    return student, report
+
+
+def calibrate_ptq_student(student: nn.Module, report: QuantReport, quant: QuantConfig, blocks: TokenBlocks | None,
+                          device: torch.device) -> nn.Module:
+    """Calibrate a `ptq_skeleton` with weights (plain or sharded) on the first training blocks of `blocks`;
+    record the tokens per expert in `report`; gradients on."""
     if quant.high_precision == "frozen":
         round_high_precision_(student)  # before calibration: the amaxes must see the served norms
-    device = next(teacher.parameters()).device
     if quant.quantize_inputs:
         if blocks is None:
             raise ConfigError("a W4A4 student needs calibration data")
@@ -71,7 +85,7 @@ def build_ptq_student(teacher: nn.Module, quant: QuantConfig, blocks: TokenBlock
         calibrate(student, iter(()))  # freezes weight amaxes where configured; no activations to observe
     report.calibration_tokens = {name: m.calib_tokens.tolist() for name, m in quant_experts(student).items()
                                  if quant.quantize_inputs}
-    return make_trainable(student.train(False)), report
+    return make_trainable(student.train(False))
 
 
 def high_precision_parameters(student: nn.Module) -> list[nn.Parameter]:
