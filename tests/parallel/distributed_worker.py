@@ -5,10 +5,12 @@ two processes (startup costs more than the checks):
 
 WORKDIR holds teacher/, data.txt and r1_cut/ (a one-process run cut after its step-2 checkpoint), made by the
 test. Each rank writes WORKDIR/worker-RANK.json with what it measured; the runs it trains land in WORKDIR:
-    r2/          4 steps at 2 processes, teacher sharded, activation checkpointing
-    r2_cut2/     r2 cut after step 2, resumed at 2 processes (teacher replicated, no checkpointing)
+    r2/          4 steps at 2 processes, teacher sharded, activation checkpointing (built on meta, DCP reads)
+    r2_cut2/     r2 cut after step 2, resumed at 2 processes (teacher replicated, no checkpointing; built
+                 whole per rank, as before the meta build)
     r1_cut/      the one-process run resumed at 2 processes
-    r2_lean/     issue 20's flags (one block per rank) with bf16 AdamW moments and --cpu-offload
+    r2_lean/     issue 20's flags (one block per rank) with bf16 AdamW moments and --cpu-offload (built on
+                 meta, filled by rank 0's broadcasts)
 """
 
 from __future__ import annotations
@@ -158,9 +160,10 @@ def main(root: Path) -> None:
         cut_at(root / "r2", root / "r2_cut1", 2)  # resumed at 1 process by the test
     dist.barrier()
     distill.run(config(root, root / "r2_cut2", resume=root / "r2_cut2",
-                       parallel=ParallelConfig(teacher_sharding="replicate")))
+                       parallel=ParallelConfig(teacher_sharding="replicate", load_method="whole")))
     distill.run(config(root, root / "r1_cut", resume=root / "r1_cut"))
-    distill.run(config(root, root / "r2_lean", train=LEAN, parallel=ParallelConfig(cpu_offload=True)))
+    distill.run(config(root, root / "r2_lean", train=LEAN,
+                       parallel=ParallelConfig(cpu_offload=True, load_method="broadcast")))
     (root / f"worker-{rank}.json").write_text(json.dumps(result, indent=1))
     dist.barrier()
     dist.destroy_process_group()

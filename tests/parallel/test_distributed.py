@@ -149,6 +149,8 @@ def test_two_processes_equal_one_process(runs):
         for key in ("kl_per_token", "perplexity", "top1_agreement", "mean_cka", "min_cka"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
     assert_weights_close(r1, r2)
+    # the 2-process models were built on meta and each rank read its shards (DCP); the 1-process ones whole
+    assert [json.loads((r / "summary.json").read_text())["build"] for r in (r1, r2)] == ["whole", "meta"]
     # calibration: each rank saw half of the calibration batches; the max-reduced amaxes are the 1-process ones
     a = load_file(str(r1 / "student" / "model.safetensors"))
     b = load_file(str(r2 / "student" / "model.safetensors"))
@@ -171,6 +173,7 @@ def test_one_block_per_rank_with_offload_and_bf16_moments_equals_one_process(run
     AdamW moments. Both runs use one thread per process (the report's one-process run did not: see
     docs/distributed.md#equal-arithmetic), so every logged term agrees to float32 summation order."""
     r1, r2 = runs / "r1_lean", runs / "r2_lean"
+    assert json.loads((r2 / "summary.json").read_text())["build"] == "meta"  # filled by rank 0's broadcasts
     assert_records_close(train_records(r2), train_records(r1))
     assert [r["step"] for r in train_records(r2)] == [1, 2, 3]
     assert_weights_close(r1, r2)

@@ -12,6 +12,7 @@ Two ways to fill the shards, measured side by side by benchmarks/meta_load.py:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,9 +72,10 @@ def _load_dcp(params: dict[str, torch.Tensor], model_dir: Path) -> None:
 
     # DCP resolves every DTensor to this rank's slice of the stored tensor and copies into it (dtype cast
     # included); a replicated (plain) tensor is read whole on every rank.
-    dcp.load({n: p.data if not isinstance(p, DTensor) else p for n, p in params.items()},
-             storage_reader=HuggingFaceStorageReader(str(model_dir)),
-             no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # in a plain process DCP warns that it reads for one process: it should
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({n: p.data if not isinstance(p, DTensor) else p for n, p in params.items()},
+                 storage_reader=HuggingFaceStorageReader(str(model_dir)), no_dist=not dist.is_initialized())
 
 
 def _rows_of(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
