@@ -31,27 +31,75 @@ def rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+# The phases of a run whose peaks are measured apart: each wrapped function's peak RSS (VmHWM, reset by writing
+# 5 to /proc/self/clear_refs at every boundary), nested ones cut out of the outer; "other" is the time between.
+PHASES = (("distill", "materialize_", "load"), ("distill", "calibrate_ptq_student", "calibrate"),
+          ("distill", "build_trainee", "build"), ("trainer", "train_step", "step"),
+          ("checkpointer.CheckpointManager", "save", "checkpoint"), ("trainer", "evaluate", "eval"),
+          ("distill", "full_state_dict", "gather"), ("distill", "save_student_dir", "save"))
+
+
+def instrument(baseline: int) -> dict:
+    """Wrap the PHASES' functions; returns {phase: peak RSS growth over `baseline`}, filled as the run goes."""
+    from ckaqad.commands import distill
+    from ckaqad.train import checkpointer, trainer
+
+    peaks: dict = {}
+    held: dict = {}
+
+    def mark(name: str) -> None:
+        peaks[name] = max(peaks.get(name, 0), rss_bytes("VmHWM") - baseline)
+        held[name] = rss_bytes("VmRSS") - baseline
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+    def wrap(fn, name):
+        def wrapped(*args, **kwargs):
+            mark("other")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                mark(name)
+        return wrapped
+
+    owners = {"distill": distill, "trainer": trainer, "checkpointer.CheckpointManager": checkpointer.CheckpointManager}
+    for owner, attr, name in PHASES:
+        setattr(owners[owner], attr, wrap(getattr(owners[owner], attr), name))
+    Path("/proc/self/clear_refs").write_text("5")
+    return {"peaks": peaks, "held": held, "mark": mark}
+
+
 def worker(args: argparse.Namespace) -> None:
     from ckaqad import cli
     from ckaqad.commands import distill
 
+    if args.glibc_default:  # keep glibc's growing mmap threshold (what ckaqad ran with before it fixed it)
+        distill.return_freed_host_memory = lambda: False
     baseline = rss_bytes("VmRSS")  # the interpreter with torch, transformers and ckaqad imported
-
+    measured = instrument(baseline)
     config = cli.parse("distill", ["--teacher", str(args.work / "teacher"), "--data", str(args.work / "data.txt"),
                                    "--seq-len", str(args.seq_len), "--steps", "2", "--batch-size", str(args.nproc),
                                    "--cka-tokens", "16", "--eval-every", "0", "--eval-blocks", str(args.nproc),
                                    "--calib-batches", "1", "--calib-batch-size", str(args.nproc), "--device", "cpu",
                                    "--no-progress", "--save-every", "1000", "--optimizer", args.optimizer,
+                                   "--teacher-sharding", args.teacher_sharding, "--load-method", args.load_method,
                                    "--out", str(args.work / "run")] + (["--cpu-offload"] if args.cpu_offload else []))
     distill.run(config)
+    measured["mark"]("other")
     rank = int(os.environ["RANK"])
-    (args.work / f"rss-{rank}.json").write_text(json.dumps({"baseline": baseline, "peak": rss_bytes("VmHWM")}))
+    (args.work / f"rss-{rank}.json").write_text(json.dumps({
+        "baseline": baseline, "peak": baseline + max(measured["peaks"].values()), "phases": measured["peaks"],
+        "held": measured["held"]}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--intermediate", type=int, default=0, help="MLP width (default: hidden x 11/4)")
+    parser.add_argument("--teacher-sharding", default="replicate")
+    parser.add_argument("--load-method", default="dcp")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="do not fix glibc's mmap threshold (parallel.memory.return_freed_host_memory)")
     parser.add_argument("--processes", dest="nproc", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--optimizer", default="adamw")
@@ -73,7 +121,7 @@ def main() -> None:
 
     from ckaqad.parallel.memory import GIB, LlamaShape, plan_memory
 
-    intermediate = args.hidden * 11 // 4 // 64 * 64
+    intermediate = args.intermediate or args.hidden * 11 // 4 // 64 * 64
     heads = max(args.hidden // 64, 1)
     config = transformers.LlamaConfig(vocab_size=259, hidden_size=args.hidden, intermediate_size=intermediate,
                                       num_hidden_layers=args.layers, num_attention_heads=heads,
@@ -89,8 +137,9 @@ def main() -> None:
                "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
                __file__, "--worker", "--work", str(work), "--processes", str(args.nproc),
-               "--seq-len", str(args.seq_len), "--optimizer", args.optimizer] \
-            + (["--cpu-offload"] if args.cpu_offload else [])
+               "--seq-len", str(args.seq_len), "--optimizer", args.optimizer,
+               "--teacher-sharding", args.teacher_sharding, "--load-method", args.load_method] \
+            + (["--cpu-offload"] if args.cpu_offload else []) + (["--glibc-default"] if args.glibc_default else [])
         launch = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if launch.returncode:
             sys.exit(launch.stderr[-3000:])
@@ -105,16 +154,26 @@ def main() -> None:
         estimate = max(plan.build_peak, plan.total(False) + plan.host_state, plan.eval_peak + plan.host_state)
         grown = measured["peak"] - measured["baseline"]
         rows.append({"rank": rank, "baseline": measured["baseline"], "peak": measured["peak"], "grown": grown,
-                     "plan": estimate, "ratio": grown / estimate})
+                     "plan": estimate, "ratio": grown / estimate, "phases": measured["phases"],
+                     "held": measured["held"]})
     losses = [m["loss"] for m in metrics if m["kind"] == "train"]
+    step_seconds = [round(m["step_time_s"], 2) for m in metrics if m["kind"] == "train"]
     print(f"random Llama {shape.parameters / 1e6:.0f} M parameters (hidden {args.hidden}, {args.layers} blocks), "
-          f"{args.nproc} processes, {args.optimizer}{', cpu offload' if args.cpu_offload else ''}; losses {losses}")
+          f"{args.nproc} processes, {args.optimizer}{', cpu offload' if args.cpu_offload else ''}, teacher "
+          f"{args.teacher_sharding}, load {args.load_method}{', glibc default' if args.glibc_default else ''}; "
+          f"losses {losses}, step seconds {step_seconds}")
     print(f"{'rank':>4} {'baseline GiB':>12} {'peak GiB':>9} {'peak-baseline':>13} {'plan GiB':>9} {'ratio':>6}")
     for r in rows:
         print(f"{r['rank']:>4} {r['baseline'] / GIB:12.2f} {r['peak'] / GIB:9.2f} {r['grown'] / GIB:13.2f} "
               f"{r['plan'] / GIB:9.2f} {r['ratio']:6.2f}")
+    print("peak RSS growth per phase, GiB (held at its end):")
+    for r in rows:
+        print(f"  rank {r['rank']}: " + ", ".join(f"{name} {peak / GIB:.2f} ({r['held'][name] / GIB:.2f})"
+                                               for name, peak in r["phases"].items()))
     result = {"parameters": shape.parameters, "hidden": args.hidden, "layers": args.layers, "nproc": args.nproc,
-              "optimizer": args.optimizer, "cpu_offload": args.cpu_offload, "losses": losses, "ranks": rows}
+              "optimizer": args.optimizer, "cpu_offload": args.cpu_offload, "teacher_sharding": args.teacher_sharding,
+              "load_method": args.load_method, "glibc_default": args.glibc_default, "losses": losses,
+              "step_seconds": step_seconds, "ranks": rows}
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

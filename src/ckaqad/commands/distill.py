@@ -40,6 +40,7 @@ from ckaqad.parallel.fsdp import (
     shard_model,
 )
 from ckaqad.parallel.loading import materialize_
+from ckaqad.parallel.memory import return_freed_host_memory
 from ckaqad.paths import RunDir
 from ckaqad.quant.linear import QuantConfig
 from ckaqad.report.plots import plot_run
@@ -312,6 +313,8 @@ def run(config: Config, teacher_loaded: LoadedModel | None = None) -> dict:
 
 
 def _run(config: Config, teacher_loaded: LoadedModel | None, world: World) -> dict:
+    if torch.device(world.device(config.device)).type == "cpu":
+        return_freed_host_memory()  # the host RSS stays at the live tensors the planner counts (no numbers change)
     trainee, report = build_trainee(config, teacher_loaded, world)
     if trainee.start_step == 0 and world.is_main:
         write_run_files(trainee, config, report)

@@ -16,6 +16,8 @@ computing and the one prefetched) and of the root unit (embeddings and head), in
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 from dataclasses import dataclass
@@ -24,6 +26,9 @@ from pathlib import Path
 from ckaqad.errors import ConfigError
 
 GIB = 2**30
+# glibc's M_MMAP_THRESHOLD (malloc.h) and the value set on CPU runs: see `return_freed_host_memory`.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 128 * 1024
 # Headroom kept free of the estimate: CUDA context, allocator fragmentation, NCCL buffers.
 HEADROOM = 0.10
 
@@ -219,6 +224,20 @@ def resolve_shape(spec: str) -> LlamaShape:
     if not isinstance(config, dict):
         raise ConfigError(f"{config_file} does not hold a JSON object")
     return LlamaShape.from_config(config, path.name if path.is_dir() else path.stem)
+
+
+def return_freed_host_memory() -> bool:
+    """Make glibc serve every allocation of 128 KiB or more (any tensor that matters) with its own mmap, so that
+    freeing it returns the memory to the system. By default glibc raises that threshold each time such a block
+    is freed, up to 32 MiB, and the tensors below it then come from the heap, which keeps freed memory: a CPU
+    run's RSS after its first step stayed at its peak, 1.5x the planner's bytes (docs/distributed.md
+    #host-memory-per-rank measures it). Fixing the threshold keeps the RSS at what is live, which the
+    planner counts. False where the C library is not glibc (nothing changed)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
 
 
 def shard_elements(shape: tuple[int, ...], world: int, rank: int = 0) -> int:
