@@ -1,13 +1,16 @@
 """Peak host memory per rank of a CPU `ckaqad distill` under torchrun against `ckaqad plan`'s per-rank estimate.
 
-    python benchmarks/rss_vs_plan.py --hidden 1024 --layers 8 --processes 2 [--cpu-offload] [--optimizer adamw-bf16]
+    python benchmarks/rss_vs_plan.py --hidden 2048 --intermediate 8192 --layers 16 --teacher-sharding shard \
+        [--cpu-offload] [--optimizer adamw-bf16] [--eval-gathers] [--glibc-default]
 
-Saves a random Llama of the given shape (byte-level tokenizer, 259 tokens) as the teacher, trains 2 steps of
-kl+cka on 2 processes (gloo), and has each rank report its peak RSS (VmHWM from /proc/self/status) and its RSS
-before anything was loaded (the interpreter with torch, transformers and ckaqad imported). The planner's
-per-rank bytes on CPU (FP32 compute and teacher) are compared with the peak minus that baseline:
-max(build peak, training total, evaluation peak), the build peak being today's whole teacher plus whole FP32
-student on every rank. Prints a table and JSON.
+Saves a random Llama of the given shape (byte-level tokenizer, 259 tokens; fp32 safetensors) as the teacher,
+trains 2 steps of kl+cka on 2 processes (gloo, one thread each; the models built on meta and each rank filling
+its shards), and has each rank report its peak RSS (VmHWM from /proc/self/status), its RSS before anything was
+loaded, and the peak of each phase (build, load, calibrate, step, checkpoint, eval, write: VmHWM reset through
+/proc/self/clear_refs at every boundary). The measured VmHWM is compared with the planner's
+`MemoryPlan.cpu_rank_peak` (FP32 compute and teacher on CPU; the runtime included). Prints a table and JSON.
+`--eval-gathers`: plan the held-out evaluation that gathers the whole student (code without the sharded one);
+`--glibc-default`: leave glibc's growing mmap threshold (`parallel.memory.return_freed_host_memory` undone).
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=0, help="MLP width (default: hidden x 11/4)")
     parser.add_argument("--teacher-sharding", default="replicate")
     parser.add_argument("--load-method", default="dcp")
+    parser.add_argument("--eval-gathers", action="store_true",
+                        help="plan the evaluation that gathers the whole student (code without the sharded one)")
     parser.add_argument("--glibc-default", action="store_true",
                         help="do not fix glibc's mmap threshold (parallel.memory.return_freed_host_memory)")
     parser.add_argument("--processes", dest="nproc", type=int, default=2)
@@ -149,13 +154,14 @@ def main() -> None:
     shape = LlamaShape.from_config(config.to_dict(), "random")
     rows = []
     for rank, measured in enumerate(ranks):
-        plan = plan_memory(shape, args.nproc, args.nproc, args.seq_len, teacher_sharded=False, compute_bytes=4,
-                           teacher_bytes=4, rank=rank, optimizer=args.optimizer, offload=args.cpu_offload)
-        # On CPU the device is the host: offloaded state and training state are the same bytes.
-        estimate = max(plan.build_peak, plan.total(False) + plan.host_state, plan.eval_peak + plan.host_state)
+        plan = plan_memory(shape, args.nproc, args.nproc, args.seq_len,
+                           teacher_sharded=args.teacher_sharding == "shard", compute_bytes=4, teacher_bytes=4,
+                           rank=rank, optimizer=args.optimizer, offload=args.cpu_offload,
+                           eval_gathers=args.eval_gathers)
+        estimate = plan.cpu_rank_peak(checkpointing=False, rank=rank)  # runtime included: the whole VmHWM
         grown = measured["peak"] - measured["baseline"]
         rows.append({"rank": rank, "baseline": measured["baseline"], "peak": measured["peak"], "grown": grown,
-                     "plan": estimate, "ratio": grown / estimate, "phases": measured["phases"],
+                     "plan": estimate, "ratio": measured["peak"] / estimate, "phases": measured["phases"],
                      "held": measured["held"]})
     losses = [m["loss"] for m in metrics if m["kind"] == "train"]
     step_seconds = [round(m["step_time_s"], 2) for m in metrics if m["kind"] == "train"]
@@ -163,10 +169,11 @@ def main() -> None:
           f"{args.nproc} processes, {args.optimizer}{', cpu offload' if args.cpu_offload else ''}, teacher "
           f"{args.teacher_sharding}, load {args.load_method}{', glibc default' if args.glibc_default else ''}; "
           f"losses {losses}, step seconds {step_seconds}")
-    print(f"{'rank':>4} {'baseline GiB':>12} {'peak GiB':>9} {'peak-baseline':>13} {'plan GiB':>9} {'ratio':>6}")
+    print(f"{'rank':>4} {'baseline GiB':>12} {'peak GiB':>9} {'peak-baseline':>13} {'plan GiB':>9} "
+          f"{'peak/plan':>9}")
     for r in rows:
         print(f"{r['rank']:>4} {r['baseline'] / GIB:12.2f} {r['peak'] / GIB:9.2f} {r['grown'] / GIB:13.2f} "
-              f"{r['plan'] / GIB:9.2f} {r['ratio']:6.2f}")
+              f"{r['plan'] / GIB:9.2f} {r['ratio']:9.2f}")
     print("peak RSS growth per phase, GiB (held at its end):")
     for r in rows:
         print(f"  rank {r['rank']}: " + ", ".join(f"{name} {peak / GIB:.2f} ({r['held'][name] / GIB:.2f})"

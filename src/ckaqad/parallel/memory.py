@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -26,6 +27,16 @@ from pathlib import Path
 from ckaqad.errors import ConfigError
 
 GIB = 2**30
+# Host RSS of one rank before any weight exists: the interpreter, torch, transformers (with the model's module),
+# tokenizer, data and the gloo group (benchmarks/rss_vs_plan.py, the RSS when the first shard is filled: 0.46-0.48
+# GiB on CPU). A CUDA rank also maps the CUDA libraries and context into its host RSS (not measured: no device).
+RUNTIME_HOST_BYTES = int(0.47 * GIB)
+# Largest safetensors file the meta build reads at once: DCP's reader maps one file and touches this rank's slice
+# of each of its tensors, which counts in RSS until the file closes (benchmarks/meta_load.py). Hub models ship
+# files of at most 5 GB (save_pretrained's max_shard_size of their time); a smaller model is one file.
+WEIGHT_FILE_BYTES = 5 * 10**9
+# The final student directory's files (distill and export --shard-size-mb, 2048): rank 0 holds one at a time.
+STUDENT_FILE_BYTES = 2048 * 2**20
 # glibc's M_MMAP_THRESHOLD (malloc.h) and the value set on CPU runs: see `return_freed_host_memory`.
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 128 * 1024
@@ -272,14 +283,20 @@ class MemoryPlan:
     offload: bool = False
     optimizer_name: str = "adamw"
     build_peak: int = 0
-    """device bytes while the models are built, before sharding: today every rank holds the whole teacher and
-    the whole FP32 student (`distill.build_trainee`) until `fully_shard` splits them"""
+    """device bytes while the models are built: on meta, sharded, then each rank fills its shards of teacher and
+    FP32 student (`distill.build_sharded`); the teacher's shard (or replica) and the student's shard, plus the
+    rank's slice of the weight file being read"""
     host_build_peak: int = 0
-    """host bytes of one rank while loading: the whole teacher as `from_pretrained` reads it"""
+    """host bytes of one rank while loading: the rank's slice of the weight file being read (DCP maps it)"""
     eval_peak: int = 0
-    """device bytes during the held-out evaluation: today every rank gathers the whole student (`unsharded`) and
-    holds a fake-quantized copy of every quantized weight (`cached_quantized_weights`), beside the teacher and the
-    student's masters and moments (the gradients are freed by then)"""
+    """device bytes during the held-out evaluation: the teacher, the student's masters and moments (gradients
+    are freed after each step), and the evaluation's own: sharded, one gathered student block and its
+    fake-quantized weights at a time (the sharded evaluation); gathered (`eval_gathers`, before it), the whole
+    student and a fake-quantized copy of every quantized weight"""
+    host_write_peak: int = 0
+    """host bytes rank 0 adds while it writes the final student: one file of STUDENT_FILE_BYTES at most"""
+    runtime: int = RUNTIME_HOST_BYTES
+    """host bytes of the process before any weight (RUNTIME_HOST_BYTES)"""
 
     @property
     def state(self) -> int:
@@ -291,25 +308,44 @@ class MemoryPlan:
         return self.state if self.offload else 0
 
     def total(self, checkpointing: bool) -> int:
-        """Device bytes while training."""
+        """Device bytes while training, at the step's peak: the start of the backward pass, when every saved
+        activation is alive and no gradient yet (the previous step's were freed); or its end, all gradients and
+        the activations freed, whichever is larger (measured on CPU: the sum of both over-counts by 12 %)."""
         acts = self.activations_checkpointed if checkpointing else self.activations
-        return (self.teacher + (0 if self.offload else self.state) + self.working_set + acts + self.logits)
+        grads = 0 if self.offload else self.gradients
+        masters_moments = 0 if self.offload else self.student_masters + self.optimizer
+        return self.teacher + masters_moments + max(acts, grads) + self.working_set + self.logits
 
-    def host_per_rank(self) -> int:
-        """Host bytes of one rank at its peak: loading, or the offloaded state while training."""
-        return max(self.host_build_peak, self.host_state)
+    def host_per_rank(self, rank: int = 0) -> int:
+        """Host RSS of one rank at its peak on a GPU node: the runtime, and loading, the offloaded state while
+        training, or (rank 0) the final student's writing beside the offloaded state."""
+        write = self.host_write_peak + self.host_state if rank == 0 else 0
+        return self.runtime + max(self.host_build_peak, self.host_state, write)
+
+    def cpu_rank_peak(self, checkpointing: bool, rank: int = 0) -> int:
+        """Peak RSS of one rank of a CPU run (device = host: offloaded or not, the state is host memory): the
+        runtime plus the largest of building, training, evaluating and (rank 0) writing the final student.
+        This is what benchmarks/rss_vs_plan.py measures (VmHWM)."""
+        device = dataclasses.replace(self, offload=False)  # the same bytes as a run that does not offload
+        moved = self.student_masters + self.optimizer if self.offload else 0  # what the peaks below left out
+        write = self.teacher + self.student_masters + self.optimizer + self.host_write_peak if rank == 0 else 0
+        return self.runtime + max(self.build_peak + (self.student_masters if self.offload else 0),
+                                  device.total(checkpointing), self.eval_peak + moved, write)
 
 
 def plan_memory(shape: LlamaShape, gpus: int, batch_blocks: int, seq_len: int, teacher_sharded: bool,
                 compute_bytes: int = 2, teacher_bytes: int = 2, w4a4: bool = True, rank: int = 0,
-                train_high_precision: bool = False, optimizer: str = "adamw", offload: bool = False) -> MemoryPlan:
+                train_high_precision: bool = False, optimizer: str = "adamw", offload: bool = False,
+                eval_gathers: bool = False, file_bytes: int | None = None) -> MemoryPlan:
     """Per-rank bytes for `batch_blocks` blocks of `seq_len` tokens per micro-batch (all ranks together).
 
     compute_bytes: 2 for bf16 compute on GPU (all-gathered blocks, activations), 4 for fp32 on CPU;
     teacher_bytes: the teacher's stored dtype (bf16 on GPU). `train_high_precision`: embeddings, norms and
     head train too (`--high-precision train`); by default (`frozen`) only the quantized Linear weights have
     gradients and AdamW state, the rest keeps its FP32 copy of the served bf16 values. `optimizer`: a key of
-    OPTIMIZER_MOMENT_BYTES; `offload`: FSDP2's CPUOffloadPolicy (`--cpu-offload`)."""
+    OPTIMIZER_MOMENT_BYTES; `offload`: FSDP2's CPUOffloadPolicy (`--cpu-offload`). `eval_gathers`: the held-out
+    evaluation gathers the whole student (before the sharded evaluation); `file_bytes`: bytes per element of
+    the weight files (default: `teacher_bytes`)."""
     if gpus < 1 or batch_blocks < 1 or seq_len < 1:
         raise ConfigError("--gpus, --batch-size and --seq-len must be at least 1")
     if optimizer not in OPTIMIZER_MOMENT_BYTES:
@@ -339,17 +375,28 @@ def plan_memory(shape: LlamaShape, gpus: int, batch_blocks: int, seq_len: int, t
     # Student and teacher logits in the compute dtype and the chunked KL's gradient of the student logits.
     logits = 3 * tokens * shape.vocab * compute_bytes
     quantized = sum(math.prod(s) for s in shape.quantized_shapes())
-    # The evaluation: a sharded student is gathered whole in the compute dtype; one process already holds its
-    # FP32 masters. The held fake-quantized weights have the gathered weights' dtype (FP32 in one process).
-    gathered = shape.parameters * compute_bytes if gpus > 1 else 0
-    held = quantized * (compute_bytes if gpus > 1 else 4)
-    eval_peak = teacher + (0 if offload else masters + optimizer_bytes) + gathered + held + 2 * logits // 3
+    # The evaluation: a sharded student is gathered (whole, or one block at a time) in the compute dtype; one
+    # process already holds its FP32 masters. The held fake-quantized weights have the gathered weights' dtype
+    # (FP32 in one process). A sharded teacher gathers its blocks as in training.
+    if eval_gathers or gpus == 1:
+        gathered = shape.parameters * compute_bytes if gpus > 1 else 0
+        held = quantized * (compute_bytes if gpus > 1 else 4)
+    else:
+        gathered = (shape.block_parameters + root) * compute_bytes
+        held = shape.block_linear_parameters * compute_bytes
+    teacher_working = (2 * shape.block_parameters + root) * teacher_bytes if teacher_sharded else 0
+    eval_peak = teacher + (0 if offload else masters + optimizer_bytes) + gathered + held + teacher_working \
+        + 2 * logits // 3
+    # The build: the rank's shards, then the rank's slice of one weight file mapped while it is read.
+    reading = min(shape.parameters * (file_bytes or teacher_bytes), WEIGHT_FILE_BYTES) // gpus
+    whole_student = shape.parameters * 4
     return MemoryPlan(shape=shape, gpus=gpus, teacher_sharded=teacher_sharded, tokens_per_rank=tokens,
                       teacher=teacher, student_masters=masters, gradients=sharded_trained * 4,
                       optimizer=optimizer_bytes, working_set=working, activations=activations,
                       activations_checkpointed=checkpointed, logits=logits, offload=offload,
-                      optimizer_name=optimizer, build_peak=shape.parameters * (teacher_bytes + 4),
-                      host_build_peak=shape.parameters * teacher_bytes, eval_peak=eval_peak)
+                      optimizer_name=optimizer, build_peak=teacher + (0 if offload else masters) + reading,
+                      host_build_peak=reading + (masters if offload else 0), eval_peak=eval_peak,
+                      host_write_peak=min(whole_student, STUDENT_FILE_BYTES))
 
 
 def fits(plan: MemoryPlan, memory_bytes: float, checkpointing: bool) -> bool:
@@ -364,11 +411,10 @@ def why_not(plan: MemoryPlan, memory_bytes: float, checkpointing: bool, host_byt
     if plan.total(checkpointing) > limit:
         return f"training needs {plan.total(checkpointing) / GIB:.1f} GiB per GPU > {limit / GIB:.1f}"
     if plan.eval_peak > limit:
-        return (f"the held-out evaluation needs {plan.eval_peak / GIB:.1f} GiB per GPU > {limit / GIB:.1f} (each rank "
-                "gathers the whole student and a quantized copy of its weights)")
+        return f"the held-out evaluation needs {plan.eval_peak / GIB:.1f} GiB per GPU > {limit / GIB:.1f}"
     if plan.build_peak > limit:
-        return (f"building needs {plan.build_peak / GIB:.1f} GiB per GPU > {limit / GIB:.1f} (each rank holds the "
-                "whole teacher and FP32 student before sharding)")
+        return (f"building needs {plan.build_peak / GIB:.1f} GiB per GPU > {limit / GIB:.1f} (the rank's shards and "
+                "its slice of a weight file)")
     if host_bytes_per_node is not None:
         host = plan.host_per_rank() * min(gpus_per_node, plan.gpus)
         if host > (1 - HEADROOM) * host_bytes_per_node:
