@@ -86,7 +86,8 @@ def worker(args: argparse.Namespace) -> None:
                                    "--calib-batches", "1", "--calib-batch-size", str(args.nproc), "--device", "cpu",
                                    "--no-progress", "--save-every", "1000", "--optimizer", args.optimizer,
                                    "--teacher-sharding", args.teacher_sharding, "--load-method", args.load_method,
-                                   "--out", str(args.work / "run")] + (["--cpu-offload"] if args.cpu_offload else []))
+                                   "--out", str(args.work / "run")] + (["--cpu-offload"] if args.cpu_offload else [])
+                        + (["--activation-checkpointing"] if args.activation_checkpointing else []))
     distill.run(config)
     measured["mark"]("other")
     rank = int(os.environ["RANK"])
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--cpu-offload", action="store_true")
+    parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
@@ -145,7 +147,8 @@ def main() -> None:
                __file__, "--worker", "--work", str(work), "--processes", str(args.nproc),
                "--seq-len", str(args.seq_len), "--optimizer", args.optimizer,
                "--teacher-sharding", args.teacher_sharding, "--load-method", args.load_method] \
-            + (["--cpu-offload"] if args.cpu_offload else []) + (["--glibc-default"] if args.glibc_default else [])
+            + (["--cpu-offload"] if args.cpu_offload else []) + (["--glibc-default"] if args.glibc_default else []) \
+            + (["--activation-checkpointing"] if args.activation_checkpointing else [])
         launch = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if launch.returncode:
             sys.exit(launch.stderr[-3000:])
@@ -158,7 +161,8 @@ def main() -> None:
                            teacher_sharded=args.teacher_sharding == "shard", compute_bytes=4, teacher_bytes=4,
                            rank=rank, optimizer=args.optimizer, offload=args.cpu_offload,
                            eval_gathers=args.eval_gathers)
-        estimate = plan.cpu_rank_peak(checkpointing=False, rank=rank)  # runtime included: the whole VmHWM
+        # the runtime included: all of VmHWM
+        estimate = plan.cpu_rank_peak(checkpointing=args.activation_checkpointing, rank=rank)
         grown = measured["peak"] - measured["baseline"]
         rows.append({"rank": rank, "baseline": measured["baseline"], "peak": measured["peak"], "grown": grown,
                      "plan": estimate, "ratio": measured["peak"] / estimate, "phases": measured["phases"],
@@ -166,7 +170,8 @@ def main() -> None:
     losses = [m["loss"] for m in metrics if m["kind"] == "train"]
     step_seconds = [round(m["step_time_s"], 2) for m in metrics if m["kind"] == "train"]
     print(f"random Llama {shape.parameters / 1e6:.0f} M parameters (hidden {args.hidden}, {args.layers} blocks), "
-          f"{args.nproc} processes, {args.optimizer}{', cpu offload' if args.cpu_offload else ''}, teacher "
+          f"{args.nproc} processes, {args.optimizer}{', cpu offload' if args.cpu_offload else ''}"
+          f"{', activation checkpointing' if args.activation_checkpointing else ''}, teacher "
           f"{args.teacher_sharding}, load {args.load_method}{', glibc default' if args.glibc_default else ''}; "
           f"losses {losses}, step seconds {step_seconds}")
     print(f"{'rank':>4} {'baseline GiB':>12} {'peak GiB':>9} {'peak-baseline':>13} {'plan GiB':>9} "
@@ -179,7 +184,9 @@ def main() -> None:
         print(f"  rank {r['rank']}: " + ", ".join(f"{name} {peak / GIB:.2f} ({r['held'][name] / GIB:.2f})"
                                                for name, peak in r["phases"].items()))
     result = {"parameters": shape.parameters, "hidden": args.hidden, "layers": args.layers, "nproc": args.nproc,
-              "optimizer": args.optimizer, "cpu_offload": args.cpu_offload, "teacher_sharding": args.teacher_sharding,
+              "optimizer": args.optimizer, "cpu_offload": args.cpu_offload,
+              "activation_checkpointing": args.activation_checkpointing, "seq_len": args.seq_len,
+              "intermediate": intermediate, "command": " ".join(sys.argv), "teacher_sharding": args.teacher_sharding,
               "load_method": args.load_method, "glibc_default": args.glibc_default, "losses": losses,
               "step_seconds": step_seconds, "ranks": rows}
     print(json.dumps(result))
