@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--cpu-offload", action="store_true")
+    parser.add_argument("--teacher-cache", default=None, help="directory keeping the random teachers between runs")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -127,7 +128,7 @@ def main() -> None:
     from conftest import make_tiny_tokenizer
     from test_distill_command import corpus_text
 
-    from ckaqad.parallel.memory import GIB, LlamaShape, plan_memory
+    from ckaqad.parallel.memory import GIB, LlamaShape, plan_memory, return_freed_host_memory
 
     intermediate = args.intermediate or args.hidden * 11 // 4 // 64 * 64
     heads = max(args.hidden // 64, 1)
@@ -135,11 +136,16 @@ def main() -> None:
                                       num_hidden_layers=args.layers, num_attention_heads=heads,
                                       num_key_value_heads=max(heads // 4, 1), tie_word_embeddings=False,
                                       bos_token_id=256, eos_token_id=257, pad_token_id=258)
-    with tempfile.TemporaryDirectory(prefix="rss-vs-plan-") as tmp:
+    return_freed_host_memory()  # this process's freed teacher must not stay in its RSS beside the run's
+    with tempfile.TemporaryDirectory(prefix="rss-vs-plan-", dir=args.teacher_cache) as tmp:
         work = Path(tmp)
-        torch.manual_seed(0)  # the same random teacher for every option
-        transformers.LlamaForCausalLM(config).save_pretrained(work / "teacher")
-        make_tiny_tokenizer().save_pretrained(work / "teacher")
+        # `--teacher-cache DIR`: the random teacher of this shape is made once and reused (a 1B one takes minutes)
+        saved = Path(args.teacher_cache or tmp) / f"teacher-{args.hidden}-{intermediate}-{args.layers}"
+        if not (saved / "config.json").is_file():
+            torch.manual_seed(0)  # the same random teacher for every option
+            transformers.LlamaForCausalLM(config).save_pretrained(saved)
+            make_tiny_tokenizer().save_pretrained(saved)
+        (work / "teacher").symlink_to(saved)
         (work / "data.txt").write_text(corpus_text() * 4)
         env = {**os.environ, "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
