@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--cpu-offload", action="store_true")
     parser.add_argument("--teacher-cache", default=None, help="directory keeping the random teachers between runs")
+    parser.add_argument("--prepare", action="store_true", help="only make the teacher in --teacher-cache")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -145,6 +146,8 @@ def main() -> None:
             torch.manual_seed(0)  # the same random teacher for every option
             transformers.LlamaForCausalLM(config).save_pretrained(saved)
             make_tiny_tokenizer().save_pretrained(saved)
+        if args.prepare:
+            return
         (work / "teacher").symlink_to(saved)
         (work / "data.txt").write_text(corpus_text() * 4)
         env = {**os.environ, "OMP_NUM_THREADS": "1",
