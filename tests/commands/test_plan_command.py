@@ -91,8 +91,12 @@ def test_offload_and_bf16_moments_and_the_proposal_are_printed(capsys):
     # the proposal: one GPU under torchrun (FSDP2 over one rank), activation checkpointing and offload
     assert base["proposal"]["flags"] == ["torchrun --nproc-per-node 1", "--activation-checkpointing", "--cpu-offload"]
     assert "cheapest layout on 1 node(s) of 8 x 80 GiB, 1536 GiB host memory per node: 1 GPU(s)" in out
+    # Llama-3.1-70B on one node of 8 x 80 GB with 1.5 TB of host memory: built on meta and evaluated sharded, its
+    # offloaded state fits the host; with 256 GB of host memory nothing does
     huge = plan.run(plan.Config(teacher="llama-3.1-70b", gpus=8, gpu_memory=80, host_memory=1536))
-    assert huge["proposal"] is None and "none fits" in capsys.readouterr().out
+    assert huge["proposal"]["offload"] and huge["proposal"]["shard"] and huge["proposal"]["gpus"] <= 8
+    small_host = plan.run(plan.Config(teacher="llama-3.1-70b", gpus=8, gpu_memory=80, host_memory=256))
+    assert small_host["proposal"] is None and "none fits" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -209,19 +209,46 @@ def test_offload_moves_the_training_state_to_the_host_and_bf16_moments_halve_it(
     plain = plan_memory(shape, 8, 8, 256, teacher_sharded=True)
     offload = plan_memory(shape, 8, 8, 256, teacher_sharded=True, offload=True)
     lean = plan_memory(shape, 8, 8, 256, teacher_sharded=True, optimizer="adamw-bf16")
-    assert plain.total(True) - offload.total(True) == plain.state == offload.host_state
-    assert plain.host_state == 0 and offload.host_per_rank() == max(offload.host_build_peak, offload.state)
+    # the step peaks at the larger of the saved activations and the gradients (here the gradients); offloaded,
+    # the gradients leave the GPU and the activations are what is left
+    assert plain.gradients > plain.activations_checkpointed
+    assert plain.total(True) - offload.total(True) == plain.state - plain.activations_checkpointed
+    assert plain.state == offload.host_state and plain.host_state == 0
+    # rank 0's host peak: the runtime and the offloaded state beside one file of the final student being written
+    assert offload.host_per_rank() == offload.runtime + offload.state + offload.host_write_peak
+    assert offload.host_per_rank(rank=1) == offload.runtime + max(offload.host_build_peak, offload.state)
     steps = 4 * len(shape.quantized_shapes())  # one float32 step per tensor
     assert lean.optimizer - steps == (plain.optimizer - steps) // 2
-    # today's build holds the whole teacher and FP32 student on every rank before sharding
-    assert plain.build_peak == shape.parameters * 6
-    # today's evaluation gathers the whole student (bf16) and a bf16 quantized copy of its weights on every rank
+    # the meta build: the rank's shards of teacher and FP32 student and its slice of one 5 GB weight file
+    assert plain.build_peak == plain.teacher + plain.student_masters + 5 * 10**9 // 8 < shape.parameters
+    # the sharded evaluation gathers one student block (bf16) and its quantized copy at a time; the gathered one
+    # (before it) the whole student and a bf16 quantized copy of its weights on every rank
     quantized = sum(math.prod(s) for s in shape.quantized_shapes())
-    assert plain.eval_peak == plain.teacher + plain.student_masters + plain.optimizer + 2 * shape.parameters \
-        + 2 * quantized + 2 * plain.logits // 3
+    root = sum(math.prod(s) for s in shape.root_shapes())
+    teacher_blocks = (2 * shape.block_parameters + root) * 2
+    state = plain.teacher + plain.student_masters + plain.optimizer
+    assert plain.eval_peak == state + 2 * (shape.block_parameters + root) + 2 * shape.block_linear_parameters \
+        + teacher_blocks + 2 * plain.logits // 3
+    gathers = plan_memory(shape, 8, 8, 256, teacher_sharded=True, eval_gathers=True)
+    assert gathers.eval_peak == state + 2 * shape.parameters + 2 * quantized + teacher_blocks + 2 * plain.logits // 3
     assert offload.eval_peak == plain.eval_peak - plain.student_masters - plain.optimizer
-    assert why_not(offload, 80 * 2**30, True, None, 8).startswith("the held-out evaluation needs")
-    assert why_not(offload, 400 * 2**30, True, None, 8).startswith("building needs")
+    gathers_offload = plan_memory(shape, 8, 8, 256, teacher_sharded=True, eval_gathers=True, offload=True)
+    assert why_not(gathers_offload, 80 * 2**30, True, None, 8).startswith("the held-out evaluation needs")
+    assert why_not(offload, 80 * 2**30, True, None, 8) is None  # what the sharded evaluation changes
+    assert why_not(plain, 80 * 2**30, True, None, 8).startswith("training needs")
+
+
+def test_a_cpu_rank_peaks_the_same_offloaded_or_not_and_rank_0_holds_the_most():
+    """On CPU the device is the host: --cpu-offload moves nothing, so the planner's RSS is the same."""
+    shape = LlamaShape("random-1b", 2048, 8192, 16, 32, 8, 259, tied=False)
+    for checkpointing in (False, True):
+        plans = [plan_memory(shape, 2, 2, 64, teacher_sharded=True, compute_bytes=4, teacher_bytes=4, offload=offload,
+                             optimizer="adamw-bf16") for offload in (False, True)]
+        assert plans[0].cpu_rank_peak(checkpointing) == plans[1].cpu_rank_peak(checkpointing)
+        assert plans[0].cpu_rank_peak(checkpointing, rank=1) <= plans[0].cpu_rank_peak(checkpointing)
+    plain = plans[0]
+    # with checkpointing the step is the peak: the state, the gradients, the working set, the runtime
+    assert plain.cpu_rank_peak(True, rank=1) == plain.runtime + plain.total(True) > plain.runtime + plain.eval_peak
 
 
 def test_the_proposal_takes_the_fewest_gpus_then_the_first_lever_that_fits():

@@ -184,8 +184,8 @@ def run(config: Config) -> dict:
         result["fits_with_checkpointing" if checkpointing else "fits"] = ok
         result["total_bytes_with_checkpointing" if checkpointing else "total_bytes"] = total
     print(f"{'held-out evaluation peak (GPU)':44s} {_gib(plan.eval_peak)}")
-    print(f"{'build peak before sharding (GPU)':44s} {_gib(plan.build_peak)}")
-    print(f"{'host memory per rank (load / offload)':44s} {_gib(plan.host_per_rank())}")
+    print(f"{'build peak: shards + a weight file slice (GPU)':44s} {_gib(plan.build_peak)}")
+    print(f"{'host RSS of rank 0 (runtime + offload, write)':44s} {_gib(plan.host_per_rank())}")
     host = config.host_memory * GIB if config.host_memory else None
     result["why_not"] = why_not(plan, memory, True, host, config.gpus_per_node)
     if config.cpu_offload and result["fits_with_checkpointing"] and result["why_not"]:
