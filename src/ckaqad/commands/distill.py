@@ -27,7 +27,7 @@ from ckaqad.errors import CheckpointError, ConfigError
 from ckaqad.eval.fidelity import measure_fidelity
 from ckaqad.files import atomic_directory, check_writable, write_json, write_text
 from ckaqad.models.arch import num_layers
-from ckaqad.models.load import LoadedModel, default_dtype, load_model, load_model_on_meta
+from ckaqad.models.load import LoadedModel, default_dtype, load_model, load_model_on_meta, resolve_device
 from ckaqad.objectives.compose import Composite, ObjectiveConfig
 from ckaqad.parallel.config import ParallelConfig
 from ckaqad.parallel.dist import World, barrier, joined_world, max_reduce_buffers_
@@ -39,7 +39,7 @@ from ckaqad.parallel.fsdp import (
     rank_memory_bytes,
     shard_model,
 )
-from ckaqad.parallel.loading import materialize_
+from ckaqad.parallel.loading import materialize_, missing_weights
 from ckaqad.parallel.memory import return_freed_host_memory
 from ckaqad.paths import RunDir
 from ckaqad.quant.linear import QuantConfig
@@ -220,6 +220,9 @@ def build_trainee(config: Config, teacher_loaded: LoadedModel | None = None, wor
     barrier()  # every rank has checked the run directory before rank 0 may create it
     torch.manual_seed(config.train.seed)
     on_meta = builds_on_meta(config, teacher_loaded, world)
+    if not on_meta and meta_requested(config, teacher_loaded, world) and world.is_main:
+        print(f"note: {config.teacher}: the weight files do not hold the model's parameters under their names "
+              "(converted on load), so every rank loads the whole teacher (--load-method whole)")
     if on_meta:
         teacher, blocks, student, report = build_sharded(config, world)
     else:
@@ -245,11 +248,20 @@ def build_trainee(config: Config, teacher_loaded: LoadedModel | None = None, wor
     return trainee, report
 
 
-def builds_on_meta(config: Config, teacher_loaded: LoadedModel | None, world: World) -> bool:
-    """Whether this run builds teacher and PTQ student on the meta device and loads each rank's shards (a
-    torchrun job with a ptq student; a loaded student or a teacher passed in loads as a plain process does)."""
+def meta_requested(config: Config, teacher_loaded: LoadedModel | None, world: World) -> bool:
     return (world.distributed and teacher_loaded is None and config.student == "ptq"
             and config.parallel.load_method != "whole")
+
+
+def builds_on_meta(config: Config, teacher_loaded: LoadedModel | None, world: World) -> bool:
+    """Whether this run builds teacher and PTQ student on the meta device and loads each rank's shards (a
+    torchrun job with a ptq student; a loaded student or a teacher passed in loads as a plain process does).
+    A teacher whose safetensors do not hold its parameters under their names (transformers converts them on
+    load: per-expert files of fused experts, a .bin checkpoint) is loaded whole, as `--load-method whole`."""
+    if not meta_requested(config, teacher_loaded, world):
+        return False
+    meta = load_model_on_meta(config.teacher, torch.float32)  # no weights: a config and a tokenizer
+    return not missing_weights(meta.model, meta.model_dir)
 
 
 def build_sharded(config: Config, world: World) -> tuple[LoadedModel, TokenBlocks, torch.nn.Module, dict]:
@@ -258,7 +270,7 @@ def build_sharded(config: Config, world: World) -> tuple[LoadedModel, TokenBlock
     teacher's safetensors files (a GGUF teacher's cache), and the student is calibrated sharded, each rank on
     its share of the calibration batches, amaxes max-reduced (docs/distributed.md#meta-device-construction).
     Numbers: those of `make_student` in one process (a test compares the runs)."""
-    device = torch.device(world.device(config.device))
+    device = resolve_device(world.device(config.device))
     teacher = load_model_on_meta(config.teacher, default_dtype(device))
     student, report = ptq_skeleton(teacher.model, config.quant)
     place_models(student, teacher, config.parallel, world, device=device)
@@ -313,7 +325,7 @@ def run(config: Config, teacher_loaded: LoadedModel | None = None) -> dict:
 
 
 def _run(config: Config, teacher_loaded: LoadedModel | None, world: World) -> dict:
-    if torch.device(world.device(config.device)).type == "cpu":
+    if resolve_device(world.device(config.device)).type == "cpu":  # ConfigError for a device that is none
         return_freed_host_memory()  # the host RSS stays at the live tensors the planner counts (no numbers change)
     trainee, report = build_trainee(config, teacher_loaded, world)
     if trainee.start_step == 0 and world.is_main:
