@@ -5,6 +5,7 @@ fused 3-D expert parameters are sharded along the expert axis. Tolerance as test
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,8 @@ def test_two_processes_train_the_moe_student_one_process_trains(runs):
     assert len(experts) == 4
     teacher = load_file(str(runs / "teacher" / "model.safetensors"))
     assert not any(k in teacher for k in experts)  # saved per expert by save_pretrained; compare to the student
+    # so the 2-process run cannot read them by name on meta: it loaded the whole teacher, as before
+    assert json.loads((runs / "r2" / "summary.json").read_text())["build"] == "whole"
     diffs = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point()}
     assert max(diffs.values()) <= WEIGHT_ATOL, sorted(diffs.items(), key=lambda kv: -kv[1])[:4]
     amaxes = [k for k in a if k.endswith("_amax")]
