@@ -336,7 +336,8 @@ class MemoryPlan:
 def plan_memory(shape: LlamaShape, gpus: int, batch_blocks: int, seq_len: int, teacher_sharded: bool,
                 compute_bytes: int = 2, teacher_bytes: int = 2, w4a4: bool = True, rank: int = 0,
                 train_high_precision: bool = False, optimizer: str = "adamw", offload: bool = False,
-                eval_gathers: bool = False, file_bytes: int | None = None) -> MemoryPlan:
+                eval_gathers: bool = False, file_bytes: int | None = None, meta_build: bool | None = None
+                ) -> MemoryPlan:
     """Per-rank bytes for `batch_blocks` blocks of `seq_len` tokens per micro-batch (all ranks together).
 
     compute_bytes: 2 for bf16 compute on GPU (all-gathered blocks, activations), 4 for fp32 on CPU;
@@ -345,7 +346,9 @@ def plan_memory(shape: LlamaShape, gpus: int, batch_blocks: int, seq_len: int, t
     gradients and AdamW state, the rest keeps its FP32 copy of the served bf16 values. `optimizer`: a key of
     OPTIMIZER_MOMENT_BYTES; `offload`: FSDP2's CPUOffloadPolicy (`--cpu-offload`). `eval_gathers`: the held-out
     evaluation gathers the whole student (before the sharded evaluation); `file_bytes`: bytes per element of
-    the weight files (default: `teacher_bytes`)."""
+    the weight files (default: `teacher_bytes`). `meta_build`: the models are built on meta and each rank reads
+    its shards; default: what distill does, a dense model on meta, a mixture of experts whole on every rank
+    (hub checkpoints store experts one by one, which transformers fuses on load: distill.builds_on_meta)."""
     if gpus < 1 or batch_blocks < 1 or seq_len < 1:
         raise ConfigError("--gpus, --batch-size and --seq-len must be at least 1")
     if optimizer not in OPTIMIZER_MOMENT_BYTES:
@@ -389,13 +392,18 @@ def plan_memory(shape: LlamaShape, gpus: int, batch_blocks: int, seq_len: int, t
         + 2 * logits // 3
     # The build: the rank's shards, then the rank's slice of one weight file mapped while it is read.
     reading = min(shape.parameters * (file_bytes or teacher_bytes), WEIGHT_FILE_BYTES) // gpus
+    meta = meta_build if meta_build is not None else not shape.experts
+    # Built whole: every rank holds the whole teacher and the whole FP32 student before `fully_shard`, after
+    # `from_pretrained` read the whole teacher on the host.
+    build_peak = teacher + (0 if offload else masters) + reading if meta else shape.parameters * (teacher_bytes + 4)
+    host_build_peak = reading + (masters if offload else 0) if meta else shape.parameters * teacher_bytes
     whole_student = shape.parameters * 4
     return MemoryPlan(shape=shape, gpus=gpus, teacher_sharded=teacher_sharded, tokens_per_rank=tokens,
                       teacher=teacher, student_masters=masters, gradients=sharded_trained * 4,
                       optimizer=optimizer_bytes, working_set=working, activations=activations,
                       activations_checkpointed=checkpointed, logits=logits, offload=offload,
-                      optimizer_name=optimizer, build_peak=teacher + (0 if offload else masters) + reading,
-                      host_build_peak=reading + (masters if offload else 0), eval_peak=eval_peak,
+                      optimizer_name=optimizer, build_peak=build_peak, host_build_peak=host_build_peak,
+                      eval_peak=eval_peak,
                       host_write_peak=min(whole_student, STUDENT_FILE_BYTES))
 
 
@@ -413,8 +421,8 @@ def why_not(plan: MemoryPlan, memory_bytes: float, checkpointing: bool, host_byt
     if plan.eval_peak > limit:
         return f"the held-out evaluation needs {plan.eval_peak / GIB:.1f} GiB per GPU > {limit / GIB:.1f}"
     if plan.build_peak > limit:
-        return (f"building needs {plan.build_peak / GIB:.1f} GiB per GPU > {limit / GIB:.1f} (the rank's shards and "
-                "its slice of a weight file)")
+        return (f"building needs {plan.build_peak / GIB:.1f} GiB per GPU > {limit / GIB:.1f}"
+                + (" (a mixture of experts is built whole on every rank)" if plan.shape.experts else ""))
     if host_bytes_per_node is not None:
         host = plan.host_per_rank() * min(gpus_per_node, plan.gpus)
         if host > (1 - HEADROOM) * host_bytes_per_node:
