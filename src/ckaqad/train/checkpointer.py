@@ -38,7 +38,7 @@ from ckaqad.errors import CheckpointError, ConfigError, DiskFullError
 from ckaqad.files import atomic_directory, is_out_of_space, ordinary_permissions
 from ckaqad.parallel.dist import World, barrier, broadcast_text
 from ckaqad.paths import CheckpointDir, RunDir, ShardedCheckpointDir
-from ckaqad.students.store import check_weights_fit, save_architecture, save_student_dir
+from ckaqad.students.store import check_weights_fit, read_student_weights, save_architecture, save_student_dir
 
 
 @dataclass
@@ -181,7 +181,7 @@ class CheckpointManager:
         # Read and check everything before touching the student, optimizer or RNG: a damaged or foreign
         # checkpoint raises CheckpointError and leaves them as they were.
         try:
-            weights = load_file(str(latest.student.weights), device=str(device))
+            weights = read_student_weights(latest.student, device)
             state = json.loads(latest.state.read_text())
             tensors = load_file(str(latest.optimizer), device=str(device))
             rng = load_file(str(latest.rng))
@@ -225,7 +225,7 @@ class CheckpointManager:
         """A one-process checkpoint resumed under torchrun: every rank reads the full tensors and
         `set_state_dict` keeps its shards of them."""
         try:
-            weights = load_file(str(latest.student.weights))
+            weights = read_student_weights(latest.student)
             state = json.loads(latest.state.read_text())
             tensors = load_file(str(latest.optimizer))
             rng = load_file(str(latest.rng))
