@@ -74,11 +74,11 @@ def accumulator_checks(rank: int, world: int) -> dict:
     out = {}
     for name, sizes in {"spread": [9, 14, 11, 6, 13], "one batch": [17]}.items():
         g = torch.Generator().manual_seed(5)
+        mix = torch.randn(4, 5, generator=g, dtype=torch.float64)
         batches = []
         for n in sizes:
             x = torch.randn(n, 6, generator=g, dtype=torch.float64) * 3 + 40.0  # far from 0: the shift matters
-            batches.append((x, x[:, :4] @ torch.randn(4, 5, generator=g, dtype=torch.float64)
-                            + torch.randn(n, 5, generator=g, dtype=torch.float64)))
+            batches.append((x, x[:, :4] @ mix + 4 * torch.randn(n, 5, generator=g, dtype=torch.float64)))
         one, mine = CKAAccumulator(), CKAAccumulator()
         for i, (x, y) in enumerate(batches):
             one.update(x, y)
