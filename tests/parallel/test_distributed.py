@@ -33,6 +33,7 @@ from distributed_runs import (
     LEAN,
     SMALL_SHARD_BYTES,
     STEPS,
+    TRAIN,
     config,
     cut_at,
     eval_records,
@@ -242,8 +243,11 @@ def test_export_of_the_two_process_run_equals_the_one_process_export(runs, tmp_p
         out = runs / f"export-{name}"
         export_command.run(export_command.Config(run=str(runs / name), out=str(out), verify=False, device="cpu"))
         outs[name] = out
-    for name in ("model.safetensors", "ckaqad_scales.json", "config.json"):
+    for name in ("model.safetensors", "ckaqad_scales.json"):
         assert (tmp_path / "export-1" / name).read_bytes() == (outs["r2"] / name).read_bytes(), name
+    configs = [json.loads((d / "config.json").read_text()) for d in (tmp_path / "export-1", outs["r2"])]
+    assert [{k: v for k, v in c.items() if k != "_name_or_path"} for c in configs][0] == \
+        [{k: v for k, v in c.items() if k != "_name_or_path"} for c in configs][1]  # but the directory read
     files = sorted(p.name for p in outs["r1"].iterdir())
     assert files == sorted(p.name for p in outs["r2"].iterdir())
     a = load_file(str(outs["r1"] / "model.safetensors"))
@@ -282,7 +286,8 @@ def launch_two_ranks(runs: Path, out: Path, timeout_s: int) -> list[subprocess.P
     them), once they have written the step-4 checkpoint."""
     args = [sys.executable, "-m", "ckaqad", "distill", "--teacher", str(runs / "teacher"), "--data",
             str(runs / "data.txt"), "--seq-len", "32", "--steps", str(KILL_STEPS), "--lr", "1e-4", "--warmup-steps",
-            "1", "--batch-size", "4", "--cka-tokens", "48", "--eval-every", "0", "--eval-blocks", "4",
+            "1", "--batch-size", "4", "--cka-tokens", "48", "--eval-every", "0",
+            "--eval-blocks", str(TRAIN["eval_blocks"]),
             "--calib-batch-size", "2", "--save-every", "2", "--keep-last", "3", "--device", "cpu", "--no-progress",
             "--dist-timeout", str(timeout_s), "--out", str(out)]
     port = str(free_port())
