@@ -27,7 +27,8 @@ from ckaqad.paths import ExportDir
 
 SINGLE_FILE = ExportDir.SINGLE_SHARD  # == StudentDir.WEIGHTS
 INDEX_FILE = ExportDir.SHARD_INDEX  # == StudentDir.SHARD_INDEX
-# 2 GiB: the shard size Hugging Face's save_pretrained used before transformers 5 (5.x defaults to 50 GB).
+# 2 GiB per file (transformers 5.25's save_pretrained defaults to 50 GB): a writer holds one file's tensors, so
+# the file size bounds the memory of the streaming write, and smaller files download and resume better.
 DEFAULT_SHARD_SIZE_BYTES = 2 * 1024 ** 3
 METADATA = {"format": "pt"}  # what save_pretrained writes; transformers warns on a file without it
 
