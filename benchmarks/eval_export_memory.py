@@ -9,7 +9,8 @@ Saves a random Llama of the given shape (byte-level tokenizer, 259 tokens) as th
 replicated) and then, per phase, reset the peak RSS (`/proc/self/clear_refs` = 5) and read it back (VmHWM)
 after: `trainer.evaluate` (the held-out evaluation, `--eval-blocks` blocks) and the final student write (rank 0
 writes `student/`). Timed: nothing. Reported per rank: RSS when the phase starts, peak during it, and the growth
-(peak minus start), in GiB. Prints a table and JSON.
+(peak minus start), in GiB; glibc's mmap threshold is fixed at 128 KiB so freed tensors leave the RSS. Prints a
+table and JSON.
 """
 
 from __future__ import annotations
@@ -127,7 +128,10 @@ def main() -> None:
         params = make_teacher(work, args.hidden, args.layers)
         rows = []
         for label, src in sources.items():
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(src).resolve())}
+            # A fixed mmap threshold: every tensor over 128 KiB is its own mapping, returned to the system when
+            # freed, so a phase's peak is not hidden by heap that an earlier phase freed but glibc kept.
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(src).resolve()),
+                   "MALLOC_MMAP_THRESHOLD_": "131072"}
             cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", str(args.nproc),
                    str(Path(__file__).resolve()), "--worker", "--label", label, "--work", str(work),
                    "--seq-len", str(args.seq_len), "--processes", str(args.nproc), "--eval-blocks",
