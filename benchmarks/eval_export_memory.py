@@ -2,7 +2,8 @@
 the write of the final student directory. Compares two source trees side by side (e.g. main before the sharded
 evaluation and streaming write, and this tree):
 
-    python benchmarks/eval_export_memory.py --hidden 1024 --layers 16 --src before=/work/main/src --src after=src
+    python benchmarks/eval_export_memory.py --hidden 1024 --layers 16 --src before=/work/main/src --src after=src \
+        [--shard-size-mb 64]
 
 Saves a random Llama of the given shape (byte-level tokenizer, 259 tokens) as the teacher. For each source tree,
 `torchrun`-style 2 processes (gloo, CPU) build the distill trainee (PTQ student sharded with FSDP2, teacher
@@ -74,7 +75,10 @@ def worker(args: argparse.Namespace) -> None:
                                    "--seq-len", str(args.seq_len), "--steps", "1", "--batch-size", str(args.nproc),
                                    "--cka-tokens", "16", "--eval-blocks", str(args.eval_blocks),
                                    "--calib-batches", "1", "--calib-batch-size", str(args.nproc), "--device", "cpu",
-                                   "--no-progress", "--teacher-sharding", "replicate", "--out", str(out)])
+                                   "--no-progress", "--teacher-sharding", "replicate", "--out", str(out)]
+                        # a tree before the streaming write has no file size to choose
+                        + (["--shard-size-mb", str(args.shard_size_mb)]
+                           if args.shard_size_mb and hasattr(distill.Config, "shard_size_mb") else []))
     with joined_world("cpu", 600) as world:
         trainee, _ = distill.build_trainee(config, world=world)
         record = {"rank": world.rank, "threads": __import__("torch").get_num_threads(),
@@ -113,6 +117,7 @@ def main() -> None:
     parser.add_argument("--processes", dest="nproc", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--eval-blocks", type=int, default=8)
+    parser.add_argument("--shard-size-mb", type=int, default=0, help="distill's file size (default: its own)")
     parser.add_argument("--src", action="append", default=None, help="LABEL=PATH of a source tree (repeatable)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -135,7 +140,7 @@ def main() -> None:
             cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", str(args.nproc),
                    str(Path(__file__).resolve()), "--worker", "--label", label, "--work", str(work),
                    "--seq-len", str(args.seq_len), "--processes", str(args.nproc), "--eval-blocks",
-                   str(args.eval_blocks)]
+                   str(args.eval_blocks), "--shard-size-mb", str(args.shard_size_mb)]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(f"{label}: torchrun failed\n{done.stderr[-3000:]}")
@@ -154,7 +159,7 @@ def main() -> None:
               f"{e['growth'] / GIB:>7.2f}  {w['start'] / GIB:>11.2f} {w['peak'] / GIB:>10.2f} "
               f"{w['growth'] / GIB:>7.2f}")
     result = {"hidden": args.hidden, "layers": args.layers, "parameters": params, "processes": args.nproc,
-              "eval_blocks": args.eval_blocks, "rows": rows}
+              "eval_blocks": args.eval_blocks, "shard_size_mb": args.shard_size_mb, "rows": rows}
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
