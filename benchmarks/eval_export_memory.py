@@ -69,6 +69,7 @@ def worker(args: argparse.Namespace) -> None:
     from ckaqad.commands import distill
     from ckaqad.parallel.dist import joined_world
     from ckaqad.train import trainer
+    from ckaqad.train.checkpointer import CheckpointConfig
 
     out = args.work / f"run-{args.label}"
     config = cli.parse("distill", ["--teacher", str(args.work / "teacher"), "--data", str(args.work / "data.txt"),
@@ -78,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
                                    "--no-progress", "--teacher-sharding", "replicate", "--out", str(out)]
                         # a tree before the streaming write has no file size to choose
                         + (["--shard-size-mb", str(args.shard_size_mb)]
-                           if args.shard_size_mb and hasattr(distill.Config, "shard_size_mb") else []))
+                           if args.shard_size_mb and hasattr(CheckpointConfig, "shard_size_mb") else []))
     with joined_world("cpu", 600) as world:
         trainee, _ = distill.build_trainee(config, world=world)
         record = {"rank": world.rank, "threads": __import__("torch").get_num_threads(),

@@ -77,12 +77,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    shard_size_mb: int = 2048
-    """largest safetensors file of the final student directory in MiB (more files get an index)"""
-
-    def __post_init__(self) -> None:
-        if self.shard_size_mb < 1:
-            raise ConfigError(f"--shard-size-mb must be at least 1, got {self.shard_size_mb}")
 
 
 def flat_fields(config) -> dict:
@@ -264,7 +258,7 @@ def write_final_student(trainee: Trainee, config: Config, world: World) -> None:
     streamed one parameter at a time from every rank's shards to rank 0's files (`store.write_student_weights`):
     no process holds the full state dict, and the files equal those one process writes, byte for byte."""
     extra = {"label": trainee.run.root.name, "step": config.train.steps, "teacher": config.teacher}
-    shard_bytes = config.shard_size_mb * 2**20
+    shard_bytes = config.checkpoint.shard_size_bytes
     if not world.is_main:
         save_student_dir(trainee.student, None, shard_size_bytes=shard_bytes)  # this rank's shards, gathered
         return
