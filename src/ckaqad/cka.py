@@ -204,3 +204,58 @@ def distributed_linear_cka(x: torch.Tensor, y: torch.Tensor, counts: list[int], 
     """`linear_cka` over the union of every rank's rows (x: this rank's (n_r, d1), y: (n_r, d2)); the same value
     on every rank, and each rank's `x` receives its rows' part of the single-process gradient."""
     return linear_cka(gather_rows(x, counts, group), gather_rows(y, counts, group), debiased=debiased)
+
+
+def _collective_device(group) -> torch.device:
+    """Where a collective's tensors must live: the host for gloo, this rank's GPU for NCCL."""
+    if dist.get_backend(group) == "gloo":
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@torch.no_grad()
+def all_reduce_accumulator_(acc: CKAAccumulator, group=None) -> CKAAccumulator:
+    """In place, on every rank: `acc` becomes the accumulator of every rank's minibatches, the one a single
+    process that saw all of them holds (up to float64 summation order). A sharded evaluation scores whole
+    minibatches per rank, so the debiased estimator's per-minibatch terms are those of one process too.
+
+    The sufficient statistics are summed (an evaluation sees thousands of tokens per layer, not one micro-batch
+    of rows, so here the d² sums cost less to send than the rows). Each rank's sums are first moved onto one
+    shift, the lowest rank's with rows (rank 0's first minibatch: the shift one process takes):
+    Σ(x−b) = Σ(x−a) + nδ and Σ(y−b)(x−b)ᵀ = Σ(y−a)(x−a)ᵀ + Σ(y−a)δxᵀ + δy Σ(x−a)ᵀ + n δy δxᵀ, δ = a − b.
+    A rank that saw no rows contributes zeros. Without a process group this returns `acc` unchanged."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return acc
+    seen: list = [None] * dist.get_world_size(group)
+    dims = (acc._sums["x"].numel(), acc._sums["y"].numel()) if acc._shift is not None else None
+    dist.all_gather_object(seen, dims, group=group)
+    owner = next((r for r, d in enumerate(seen) if d is not None), None)
+    if owner is None:
+        return acc
+    d1, d2 = seen[owner]
+    device = _collective_device(group)
+    z = dict(dtype=torch.float64, device=device)
+    shift = torch.cat(acc._shift).to(device) if dist.get_rank(group) == owner else torch.zeros(d1 + d2, **z)
+    dist.broadcast(shift, group_src=owner, group=group)
+    bx, by = shift[:d1], shift[d1:]
+    if acc._shift is None:
+        x, y = torch.zeros(d1, **z), torch.zeros(d2, **z)
+        xx, yy, yx = torch.zeros(d1, d1, **z), torch.zeros(d2, d2, **z), torch.zeros(d2, d1, **z)
+    else:
+        s, n = {k: v.to(device) for k, v in acc._sums.items()}, acc.n
+        dx, dy = acc._shift[0].to(device) - bx, acc._shift[1].to(device) - by
+        x, y = s["x"] + n * dx, s["y"] + n * dy
+        xx = s["xx"] + torch.outer(s["x"], dx) + torch.outer(dx, s["x"]) + n * torch.outer(dx, dx)
+        yy = s["yy"] + torch.outer(s["y"], dy) + torch.outer(dy, s["y"]) + n * torch.outer(dy, dy)
+        yx = s["yx"] + torch.outer(s["y"], dx) + torch.outer(dy, s["x"]) + n * torch.outer(dy, dx)
+    counts = torch.tensor([acc.n, acc.batches], **z)
+    flat = torch.cat([x, y, xx.flatten(), yy.flatten(), yx.flatten(), acc._hsic.to(device), counts])
+    dist.all_reduce(flat, group=group)
+    parts = flat.split([d1, d2, d1 * d1, d2 * d2, d2 * d1, 3, 2])
+    home = acc._sums["x"].device if acc._shift is not None else device
+    acc._shift = (bx.to(home), by.to(home))
+    acc._sums = {"x": parts[0].to(home), "y": parts[1].to(home), "xx": parts[2].view(d1, d1).to(home),
+                 "yy": parts[3].view(d2, d2).to(home), "yx": parts[4].view(d2, d1).to(home)}
+    acc._hsic = parts[5].cpu()
+    acc.n, acc.batches = int(parts[6][0]), int(parts[6][1])
+    return acc

@@ -7,7 +7,8 @@
       checkpoints/step-000050/   CheckpointDir: student/, optimizer.safetensors, rng.safetensors, state.json,
                                  COMPLETE (written last)
       student/                   StudentDir of the final student
-    student/                     model.safetensors, config.json, tokenizer files, ckaqad_student.json
+    student/                     model.safetensors (or shards + index), config.json,
+                                 tokenizer files, ckaqad_student.json
     export/                      ExportDir: config.json (quantization_config), model.safetensors or shards +
                                  model.safetensors.index.json, ckaqad_scales.json, export_summary.json,
                                  generation_config.json, hf_quant_config.json (modelopt layout)
@@ -31,11 +32,16 @@ CONFIG_JSON = "config.json"
 class StudentDir:
     root: Path
     WEIGHTS = "model.safetensors"
+    SHARD_INDEX = "model.safetensors.index.json"  # weights in several files (`export.shards`), as an export's
     META = "ckaqad_student.json"
 
     @property
     def weights(self) -> Path:
         return self.root / self.WEIGHTS
+
+    @property
+    def shard_index(self) -> Path:
+        return self.root / self.SHARD_INDEX
 
     @property
     def meta(self) -> Path:
@@ -46,7 +52,7 @@ class StudentDir:
         return self.root / CONFIG_JSON
 
     def exists(self) -> bool:
-        return self.meta.is_file() and self.weights.is_file()
+        return self.meta.is_file() and (self.weights.is_file() or self.shard_index.is_file())
 
 
 @dataclass(frozen=True)

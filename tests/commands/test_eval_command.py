@@ -183,6 +183,19 @@ def test_run_directory_is_evaluated_against_its_own_teacher(student_eval, workdi
     assert payload["fidelity"]["kl_per_token"] == pytest.approx(student_eval["fidelity"]["kl_per_token"], rel=1e-6)
 
 
+def test_a_run_whose_student_is_in_several_files_gives_the_same_numbers(student_eval, workdir, tmp_path):
+    """A sharded run's student/ in shards with model.safetensors.index.json (a large model's) is evaluated as
+    the one-file student is: the same weights, the same numbers."""
+    run = tmp_path / "run"
+    student, meta = load_student_dir(workdir / "student")
+    save_student_dir(student, run / "student", extra={"label": meta["label"]}, shard_size_bytes=50_000)
+    assert (run / "student" / "model.safetensors.index.json").is_file()
+    (run / "config.yaml").write_text(f"teacher: {workdir / 'teacher'}\nsteps: 1\n")
+    payload = evaluate_into(tmp_path, "out", model=str(run))
+    assert payload["fidelity"]["kl_per_token"] == student_eval["fidelity"]["kl_per_token"]
+    assert payload["fidelity"]["mean_cka"] == student_eval["fidelity"]["mean_cka"]
+
+
 def make_run(root, workdir, teacher: str) -> RunDir:
     """A run directory with a final student and one complete checkpoint (copies of the saved student)."""
     run = RunDir(root)

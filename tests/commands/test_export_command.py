@@ -126,6 +126,23 @@ def test_run_export_finds_the_teacher_in_the_runs_config(tmp_path, teacher_dir, 
         assert "verified 14 quantized layers" in capsys.readouterr().out
 
 
+def test_a_run_whose_student_is_in_several_files_exports_and_verifies(tmp_path, teacher_dir, capsys):
+    """A large run's student/ (shards + model.safetensors.index.json, as a sharded run streams it) is read like
+    a one-file student: the export holds the student's weights and verifies."""
+    teacher = load_model(teacher_dir, device="cpu")
+    student, _ = build_ptq_student(teacher.model, QuantConfig(scheme="w4a16"), None)
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.config.write_text(yaml.safe_dump({"teacher": str(teacher_dir)}))
+    save_student_dir(student, run.student.root, teacher.tokenizer, shard_size_bytes=50_000)
+    assert run.student.shard_index.is_file() and not run.student.weights.exists()
+    export.run(export.Config(run=str(run.root), out=str(tmp_path / "out"), device="cpu"))
+    assert "verified 14 quantized layers" in capsys.readouterr().out
+    loaded, _ = load_export(tmp_path / "out")
+    for name, m in quant_linears(loaded).items():
+        assert torch.equal(m.quantized_weight(), quant_linears(student)[name].quantized_weight().detach()), name
+
+
 def test_missing_or_empty_sources_fail_before_any_loading(tmp_path):
     missing, empty = tmp_path / "no-run", tmp_path / "empty"
     empty.mkdir()

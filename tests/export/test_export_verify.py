@@ -117,3 +117,32 @@ def test_verify_export_catches_a_student_that_moved(tmp_path, tiny_tokenizer, la
         next(iter(quant_linears(student).values())).weight.mul_(1.5)
     with pytest.raises(ExportError, match="does not match the student"):
         verify_export(tmp_path / "e", student)
+
+
+@pytest.mark.parametrize("layout", ["compressed-tensors", "modelopt"])
+def test_a_sharded_export_reads_back_as_the_one_file_export(tmp_path, tiny_tokenizer, layout):
+    """Several safetensors files and model.safetensors.index.json: compressed-tensors' own loader finds every
+    tensor through the index, load_export rebuilds the same student bit for bit, and verify_export (for
+    compressed-tensors: transformers' from_pretrained of the sharded export, what vLLM reads too) gives the
+    one-file export's numbers."""
+    from compressed_tensors.utils.safetensors_load import get_weight_mappings
+
+    student = make_student()
+    one, many = tmp_path / "one", tmp_path / "many"
+    export_student(student, tiny_tokenizer, one, layout)
+    export_student(student, tiny_tokenizer, many, layout, shard_size_bytes=30_000)
+    shards = sorted(many.glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (many / "model.safetensors").exists()
+    tensors = read_tensors(one)
+    sharded = read_tensors(many)
+    assert sharded.keys() == tensors.keys() and all(torch.equal(sharded[k], v) for k, v in tensors.items())
+    mapping = get_weight_mappings(str(many))  # compressed-tensors: tensor name -> the shard file holding it
+    assert set(mapping) == set(tensors) and {p.rsplit("/", 1)[1] for p in mapping.values()} == {p.name for p in shards}
+    a, _ = load_export(one)
+    b, _ = load_export(many)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    check_one, check_many = verify_export(one, student), verify_export(many, student)
+    assert check_many["layers"] == check_many["load_bit_exact_layers"] == len(quant_linears(student))
+    assert check_many["max_relative_weight_difference"] == check_one["max_relative_weight_difference"]
+    assert check_many["runtime_kl"] == check_one["runtime_kl"]  # None for ModelOpt (transformers does not serve it)
+    assert (check_many["runtime_kl"] is None) == (layout == "modelopt")

@@ -16,6 +16,7 @@ from export_helpers import logits, make_student, read_tensors, within_one_ulp
 from ckaqad.errors import ConfigError, DiskFullError, ExportError
 from ckaqad.export.compress import compress, scales_of
 from ckaqad.export.reader import load_export
+from ckaqad.export.shards import write_shards
 from ckaqad.export.writer import export_student
 from ckaqad.formats import nvfp4
 from ckaqad.quant.apply import cached_quantized_weights, quant_linears
@@ -275,3 +276,16 @@ def test_unknown_layout_and_bad_shard_size_are_config_errors(tmp_path, tiny_toke
     with pytest.raises(ConfigError, match="shard size must be positive"):
         export_student(make_student(), tiny_tokenizer, tmp_path / "x", shard_size_bytes=0)
     assert not (tmp_path / "x").exists()
+
+
+def test_the_streamed_export_writes_the_files_of_the_whole_compressed_state_dict(tmp_path, tiny_tokenizer):
+    """export_student compresses one state-dict entry at a time into the current shard; the files equal those of
+    compressing the whole state dict and writing it at once, byte for byte (tied head included)."""
+    student = make_student(tie=True)
+    export_student(student, tiny_tokenizer, tmp_path / "streamed", shard_size_bytes=30_000)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    write_shards(compress(student.state_dict(), scales_of(student), "compressed-tensors"), whole, 30_000)
+    written = sorted(p.name for p in whole.iterdir())
+    assert len(written) > 3 and written == sorted(p.name for p in (tmp_path / "streamed").glob("model*"))
+    assert all((whole / n).read_bytes() == (tmp_path / "streamed" / n).read_bytes() for n in written)

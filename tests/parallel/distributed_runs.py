@@ -25,9 +25,12 @@ from ckaqad.train.trainer import TrainConfig  # noqa: E402
 
 STEPS = 4
 # Global micro-batch of 4 blocks (2 per rank under 2 processes), 48 CKA rows of the 4 x 31 valid tokens,
-# calibration in 4 batches of 2 blocks (2 batches per rank).
-TRAIN = dict(steps=STEPS, lr=1e-4, warmup_steps=1, batch_size=4, cka_tokens=48, eval_every=2, eval_blocks=4, seed=0,
-             progress=False)
+# calibration in 4 batches of 2 blocks (2 batches per rank), held-out evaluation in 3 batches of 4 blocks (under 2
+# processes rank 0 scores batches 0 and 2, rank 1 batch 1 and runs batch 2 unscored: the sharded evaluation).
+TRAIN = dict(steps=STEPS, lr=1e-4, warmup_steps=1, batch_size=4, cka_tokens=48, eval_every=2, eval_blocks=12,
+             seed=0, progress=False)
+# The student directory written in several files: the tiny student's 0.4 MB in shards of at most 64 KiB.
+SMALL_SHARD_BYTES = 64 * 1024
 
 
 def make_workdir(root: Path) -> Path:

@@ -11,6 +11,7 @@ test. Each rank writes WORKDIR/worker-RANK.json with what it measured; the runs 
     r1_cut/      the one-process run resumed at 2 processes
     r2_lean/     issue 20's flags (one block per rank) with bf16 AdamW moments and --cpu-offload (built on
                  meta, filled by rank 0's broadcasts)
+    streamed/    the sharded student of the memory check, streamed by both ranks into shards of 64 KiB
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from distributed_runs import LEAN, config, cut_at
+from distributed_runs import LEAN, SMALL_SHARD_BYTES, config, cut_at
 
-from ckaqad.cka import distributed_linear_cka, linear_cka
+from ckaqad.cka import CKAAccumulator, all_reduce_accumulator_, distributed_linear_cka, linear_cka
 from ckaqad.commands import distill
 from ckaqad.data.blocks import train_batches
 from ckaqad.objectives.base import ForwardOutputs
@@ -37,6 +38,7 @@ from ckaqad.parallel.config import ParallelConfig
 from ckaqad.parallel.dist import current_world
 from ckaqad.parallel.fsdp import local_bytes, optimizer_local_bytes
 from ckaqad.parallel.memory import LlamaShape, plan_memory
+from ckaqad.students.store import save_student_dir
 from ckaqad.train.trainer import local_micro_batch, make_captures, micro_step, sample_rows
 
 
@@ -64,6 +66,30 @@ def cka_checks(rank: int, world: int) -> dict:
         out[name] = {"value": float(value), "reference": float(reference), "value_diff": abs(float(value - reference)),
                      "grad_diff": max_diff(x_mine.grad, full.grad[start:start + counts[rank]]),
                      "grad_scale": float(full.grad.abs().max())}
+    return out
+
+
+def accumulator_checks(rank: int, world: int) -> dict:
+    """The sharded evaluation's CKA: rank r accumulates minibatches r, r+N, ... (rank 1 starts from another
+    shift, and one case leaves rank 1 without rows), `all_reduce_accumulator_` merges them; against one
+    accumulator fed every minibatch in order."""
+    out = {}
+    for name, sizes in {"spread": [9, 14, 11, 6, 13], "one batch": [17]}.items():
+        g = torch.Generator().manual_seed(5)
+        mix = torch.randn(4, 5, generator=g, dtype=torch.float64)
+        batches = []
+        for n in sizes:
+            x = torch.randn(n, 6, generator=g, dtype=torch.float64) * 3 + 40.0  # far from 0: the shift matters
+            batches.append((x, x[:, :4] @ mix + 4 * torch.randn(n, 5, generator=g, dtype=torch.float64)))
+        one, mine = CKAAccumulator(), CKAAccumulator()
+        for i, (x, y) in enumerate(batches):
+            one.update(x, y)
+            if i % world == rank:
+                mine.update(x, y)
+        all_reduce_accumulator_(mine)
+        out[name] = {"biased": mine.biased(), "want_biased": one.biased(), "debiased": mine.debiased(),
+                     "want_debiased": one.debiased(), "n": mine.n, "want_n": one.n, "batches": mine.batches,
+                     "want_batches": one.batches}
     return out
 
 
@@ -135,6 +161,9 @@ def memory_checks(root: Path, rank: int) -> dict:
     held = local_bytes(trainee.student)
     trainee.optimizer.step()
     captures.remove()
+    # The sharded student streamed to rank 0's files, several of them (the test re-writes it in one process).
+    save_student_dir(trainee.student, root / "streamed" if rank == 0 else None, trainee.tokenizer,
+                     shard_size_bytes=SMALL_SHARD_BYTES)
     student_config = trainee.student.config.to_dict()
     shape = LlamaShape.from_config(student_config, "tiny")
     trains_all = trainee.student.model.embed_tokens.weight.requires_grad  # --high-precision train
@@ -150,7 +179,7 @@ def main(root: Path) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {"world": world, "cka": cka_checks(rank, world), "tokens": token_term_checks(rank, world),
-              "states": state_term_checks(rank, world)}
+              "states": state_term_checks(rank, world), "accumulator": accumulator_checks(rank, world)}
     result["memory"] = memory_checks(root, rank)
     # 4 steps at 2 processes, with the teacher sharded and activation checkpointing: still the 1-process run.
     distill.run(config(root, root / "r2", parallel=ParallelConfig(teacher_sharding="shard",

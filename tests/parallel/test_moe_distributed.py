@@ -57,6 +57,20 @@ def test_two_processes_train_the_moe_student_one_process_trains(runs):
     assert all(bool((a[k] > 0).all()) for k in amaxes if k.endswith("input_amax"))
 
 
+def test_the_sharded_evaluation_of_the_moe_student_equals_one_process(runs):
+    """The final held-out evaluation, scored over 2 ranks (rank 0: batches 0 and 2, rank 1: batch 1) with the
+    routing drift's sums merged, against one process scoring all 3 batches."""
+    def final(run: Path) -> dict:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if json.loads(line)["kind"] == "eval"][-1]
+
+    one, two = final(runs / "r1"), final(runs / "r2")
+    for key in ("kl_per_token", "perplexity", "teacher_perplexity", "top1_agreement", "mean_cka", "min_cka",
+                "router_jaccard", "router_kl"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    assert 0 < one["router_jaccard"] <= 1 and one["router_kl"] > 0
+
+
 def test_fsdp2_shards_the_fused_expert_parameters_along_the_experts(tmp_path):
     """FSDP2 over 2 ranks (torch's fake process group: the placements and local shapes, no communication) splits
     the fused [E, ...] expert parameters along the expert axis, 4 experts per rank."""

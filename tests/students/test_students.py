@@ -152,3 +152,24 @@ def test_weights_of_another_architecture_are_a_checkpoint_error(tmp_path, tiny_m
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "quant": None}))  # claims to be unquantized
     with pytest.raises(CheckpointError, match="weights do not fit the student"):
         load_student_dir(tmp_path / "s")
+
+
+def test_a_student_dir_in_several_files_round_trips_bit_exact(tmp_path, tiny_model, tiny_tokenizer):
+    """A large student's directory: shards plus model.safetensors.index.json (`export.shards`). It is a student
+    directory to `detect` and to `load_student` (what diagnose, eval and export read), bit for bit; a missing
+    shard is a CheckpointError."""
+    student, _ = build_ptq_student(tiny_model, QuantConfig(), blocks(tiny_tokenizer))
+    save_student_dir(student, tmp_path / "s", tiny_tokenizer, shard_size_bytes=50_000)
+    shards = sorted((tmp_path / "s").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 3 and StudentDir(tmp_path / "s").shard_index.is_file()
+    assert not StudentDir(tmp_path / "s").weights.exists() and detect(tmp_path / "s") == "student"
+    loaded = load_student(tmp_path / "s", tiny_model)
+    assert loaded.kind == "student"
+    want = student.state_dict()
+    got = loaded.model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(**ids()).logits, student(**ids()).logits)
+    shards[1].unlink()
+    with pytest.raises(CheckpointError, match="cannot read the weights"):
+        load_student_dir(tmp_path / "s")

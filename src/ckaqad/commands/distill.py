@@ -34,7 +34,6 @@ from ckaqad.parallel.dist import World, barrier, joined_world, max_reduce_buffer
 from ckaqad.parallel.fsdp import (
     apply_activation_checkpointing,
     choose_teacher_sharding,
-    full_state_dict,
     parameter_bytes,
     rank_memory_bytes,
     shard_model,
@@ -61,7 +60,7 @@ HELP = "quantization-aware distillation of the student: KL-only QAD or CKA-QAD (
 # Fields that may differ between a run and its resumption.
 RESUME_MAY_CHANGE = {"resume", "out", "device", "progress", "steps", "eval_every",
                      "teacher_sharding", "activation_checkpointing", "dist_timeout", "cpu_offload",
-                     "quantize_once_per_step", "load_method"}
+                     "quantize_once_per_step", "load_method", "shard_size_mb"}
 
 
 @dataclass
@@ -184,8 +183,9 @@ def make_student(config: Config, teacher: LoadedModel, blocks: TokenBlocks, worl
 
 
 def fidelity_callback(teacher: LoadedModel, student: torch.nn.Module, blocks: TokenBlocks, config: Config,
-                      layer_map: LayerMap):
-    """The held-out evaluation the loop runs every --eval-every steps and at the end."""
+                      layer_map: LayerMap, world: World | None = None):
+    """The held-out evaluation the loop runs every --eval-every steps and at the end (under torchrun sharded:
+    each rank scores its share of the blocks, the sums are reduced)."""
     exclude = tuple(i for i in (teacher.tokenizer.bos_token_id,) if i is not None)
     device = next(teacher.model.parameters()).device  # the compute device (an offloaded student's is the host)
 
@@ -194,7 +194,8 @@ def fidelity_callback(teacher: LoadedModel, student: torch.nn.Module, blocks: To
             results, teacher_stats = measure_fidelity(
                 teacher.model, {"student": student},
                 eval_batches(blocks.heldout, config.train.batch_size, device, limit=config.train.eval_blocks),
-                layer_map=layer_map, n_sink=config.train.n_sink, exclude_token_ids=exclude, progress=False)
+                layer_map=layer_map, n_sink=config.train.n_sink, exclude_token_ids=exclude, progress=False,
+                world=world)
         r = results["student"]
         return {"kl_per_token": r.kl_per_token, "perplexity": r.perplexity,
                 "teacher_perplexity": teacher_stats["perplexity"], "top1_agreement": r.top1_agreement,
@@ -241,7 +242,7 @@ def build_trainee(config: Config, teacher_loaded: LoadedModel | None = None, wor
     trainee = Trainee(config=cfg, teacher=teacher.model, student=student, tokenizer=teacher.tokenizer,
                       blocks=blocks, layer_map=layer_map, objective=Composite(config.objective),
                       optimizer=optimizer, scheduler=scheduler, checkpoint=config.checkpoint, run=run,
-                      evaluate=fidelity_callback(teacher, student, blocks, config, layer_map), world=world)
+                      evaluate=fidelity_callback(teacher, student, blocks, config, layer_map, world), world=world)
     if config.resume:
         state = CheckpointManager(run.root, config.checkpoint, world).load(student, optimizer, scheduler)
         trainee.start_step = state["step"]
@@ -317,6 +318,19 @@ def write_run_files(trainee: Trainee, config: Config, report: dict | None) -> No
         write_json(trainee.run.quantization, report)
 
 
+def write_final_student(trainee: Trainee, config: Config, world: World) -> None:
+    """The run's student/ directory, in safetensors files of at most --shard-size-mb. A sharded student is
+    streamed one parameter at a time from every rank's shards to rank 0's files (`store.write_student_weights`):
+    no process holds the full state dict, and the files equal those one process writes, byte for byte."""
+    extra = {"label": trainee.run.root.name, "step": config.train.steps, "teacher": config.teacher}
+    shard_bytes = config.checkpoint.shard_size_bytes
+    if not world.is_main:
+        save_student_dir(trainee.student, None, shard_size_bytes=shard_bytes)  # this rank's shards, gathered
+        return
+    with atomic_directory(trainee.run.student.root) as tmp:
+        save_student_dir(trainee.student, tmp, trainee.tokenizer, extra=extra, shard_size_bytes=shard_bytes)
+
+
 def run(config: Config, teacher_loaded: LoadedModel | None = None) -> dict:
     """Build (or resume) and train; write the final student, plots and summary.json; return the summary.
     Under torchrun every rank runs this; rank 0 alone writes files and prints."""
@@ -332,20 +346,14 @@ def _run(config: Config, teacher_loaded: LoadedModel | None, world: World) -> di
         write_run_files(trainee, config, report)
     barrier()
     final = trainer.train(trainee)
-    # A sharded student is assembled on rank 0 (the other ranks send their shards and get nothing back), so
-    # the final student directory is the same file a one-process run writes.
-    state = full_state_dict(trainee.student) if world.distributed else None
     summary = {"final": final, "steps": config.train.steps, "loss": config.objective.loss,
                # W4A4 turns float32 summation-order differences into FP4 rounding flips, so runs on CPU compare
                # only at equal intra-op threads (docs/distributed.md#equal-arithmetic); torchrun sets 1 per rank.
                "cpu_threads": torch.get_num_threads(),
                # how the models came to be: built on meta and read shard by shard, or loaded whole per process
                "build": "meta" if builds_on_meta(config, teacher_loaded, world) else "whole"}
+    write_final_student(trainee, config, world)
     if world.is_main:
-        with atomic_directory(trainee.run.student.root) as tmp:
-            save_student_dir(trainee.student, tmp, trainee.tokenizer,
-                             extra={"label": trainee.run.root.name, "step": config.train.steps,
-                                    "teacher": config.teacher}, state=state)
         plot_run(trainee.run.root)
         write_json(trainee.run.summary, summary)
         if config.train.progress:

@@ -198,7 +198,7 @@ def run(config: Config, teacher_loaded: LoadedModel | None = None, label: str | 
     with atomic_directory(run_dir.student.root) as tmp:
         save_student_dir(student, tmp, trainee.tokenizer,
                          extra={"label": run_dir.root.name, "step": config.train.steps, "teacher": config.teacher,
-                                "damage": damage.get("kind")})
+                                "damage": damage.get("kind")}, shard_size_bytes=config.checkpoint.shard_size_bytes)
         if mask is not None:
             write_json(DamageDir(tmp).sparsity, sparsity_pattern(student, mask.masks))
     plot_run(run_dir.root)

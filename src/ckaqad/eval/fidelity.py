@@ -9,20 +9,25 @@ pruned one) is compared block to block through a `capture.LayerMap`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ckaqad.capture import LayerCapture, LayerMap, RouterCapture, router_modules, valid_token_mask
-from ckaqad.cka import CKAAccumulator
+from ckaqad.cka import CKAAccumulator, all_reduce_accumulator_
 from ckaqad.errors import ConfigError
 from ckaqad.eval.cka_bootstrap import SequenceFeatures, bootstrap_interval
 from ckaqad.eval.routing import RoutingStats, routing_summary
 from ckaqad.models.arch import num_layers
 from ckaqad.objectives.ce import next_token_nll
 from ckaqad.objectives.kl import chunked_kl
+from ckaqad.parallel.dist import World
+from ckaqad.parallel.fsdp import is_sharded
 from ckaqad.quant.apply import cached_quantized_weights
 
 # The headline numbers, in table order: what `Fidelity.headline()` returns and `ckaqad compare` shows.
@@ -91,6 +96,18 @@ class _StudentStats:
         self.agree = 0
         self.routing = RoutingStats()
 
+    def all_reduce_(self) -> None:
+        """In place, on every rank: the sums of every rank's batches (rank order, so every rank gets the same)."""
+        for accumulator in self.cka.values():
+            all_reduce_accumulator_(accumulator)
+        names = ("kl_sum", "kl_tokens", "nll_sum", "nll_tokens", "agree")
+        parts = _gathered(({name: getattr(self, name) for name in names}, self.routing))
+        for name in names:
+            setattr(self, name, sum(part[0][name] for part in parts))
+        self.routing = RoutingStats()
+        for _, routing in parts:
+            self.routing.merge(routing)
+
     def result(self, label: str, teacher_features: dict[int, SequenceFeatures] | None = None,
                resamples: int = 0) -> Fidelity:
         layers = [{"index": s, "teacher_index": t, "cka": self.cka[s].biased(), "cka_debiased": self.cka[s].debiased(),
@@ -158,6 +175,11 @@ class _NormShares:
     def add(self, layer: int, squared_norms: torch.Tensor) -> None:
         self.norms[layer].append(squared_norms.detach().double().cpu())
 
+    def all_gather_(self) -> None:
+        """In place, on every rank: every rank's norms (the rows are sorted before use, so order is moot)."""
+        parts = _gathered(self.norms)
+        self.norms = {t: [n for part in parts for n in part[t]] for t in self.norms}
+
     def rows(self) -> list[dict]:
         """Per layer: the share of the squared norm held by the top 1% of tokens and by the top token, and the
         largest token norm over the median one."""
@@ -192,17 +214,43 @@ def _robust_rows(teacher_rows: torch.Tensor, factor: float) -> torch.Tensor:
     return sq <= factor**2 * sq.median()
 
 
+def _rank_batches(batches, world: World | None) -> Iterator[tuple[dict, bool]]:
+    """(batch, counted) for this rank: batches r, r+N, r+2N, ... of the sequence, whole, so each is scored
+    exactly as one process scores it. Where the last round has fewer batches than ranks, a rank without one
+    gets that round's first batch, not counted: every rank runs the same forwards (a sharded model's per-block
+    all-gathers are collectives). One process gets every batch."""
+    if world is None or not world.distributed:
+        yield from ((batch, True) for batch in batches)
+        return
+    round_: list[dict] = []
+    for batch in batches:
+        round_.append(batch)
+        if len(round_) == world.size:
+            yield round_[world.rank], True
+            round_ = []
+    if round_:
+        yield (round_[world.rank], True) if world.rank < len(round_) else (round_[0], False)
+
+
+def _gathered(value) -> list:
+    """Every rank's `value` (any picklable object), in rank order."""
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 @torch.no_grad()
 def measure_fidelity(teacher: nn.Module, students: dict[str, nn.Module], batches, layers: list[int] | None = None,
                      n_sink: int = 1, exclude_token_ids: tuple[int, ...] = (), progress: bool = True,
                      total: int | None = None, layer_map: LayerMap | None = None, bootstrap: int = 0,
-                     massive_factor: float = 0.0) -> tuple[dict[str, Fidelity], dict]:
+                     massive_factor: float = 0.0, world: World | None = None) -> tuple[dict[str, Fidelity], dict]:
     """Fidelity of each student to `teacher` over `batches` (model kwargs on the models' device).
 
     Returns ({label: Fidelity}, teacher stats {perplexity, predicted_tokens}). CKA uses every valid token
     (not a sample): position < n_sink, padding and `exclude_token_ids` are left out. Block pairs come from
     `layer_map` (one map for every student) or, by default, each student's proportional map restricted to
-    the student blocks in `layers`. The students' quantized weights are computed once for the whole pass.
+    the student blocks in `layers`. The students' quantized weights are computed once for the whole pass
+    (per forward instead for a student sharded with FSDP2: its weights exist whole only inside a block's forward).
 
     `bootstrap` > 0: each layer row also gets `cka_low` / `cka_high`, the 95% percentile interval of that many
     resamples of the held-out sequences (`eval.cka_bootstrap`; the features are kept in memory for it).
@@ -210,18 +258,27 @@ def measure_fidelity(teacher: nn.Module, students: dict[str, nn.Module], batches
     hidden-state norm exceeds that many times the batch median (KL and perplexity still use every token).
     The teacher stats carry the massive-activation check (`massive`: per layer, the share of the squared norm
     held by the top 1% of tokens; `massive_summary`).
+
+    `world` (a torchrun job; every rank calls this with the same batches): each rank scores its share of the
+    batches (`_rank_batches`) with the models as they are, sharded or replicated, and the sums are reduced
+    (CKA through `cka.all_reduce_accumulator_`), so every rank returns what one process returns over all the
+    batches, up to float64 summation order (docs/distributed.md#sharded-evaluation).
     """
     from tqdm.auto import tqdm
 
     maps = layer_maps(teacher, students, layers, layer_map)
     if bootstrap < 0 or massive_factor < 0:
         raise ConfigError(f"bootstrap ({bootstrap}) and massive_factor ({massive_factor}) must be >= 0")
+    distributed = world is not None and world.distributed
+    if distributed and bootstrap > 0:
+        raise ConfigError("the bootstrap interval needs every held-out sequence's features in one process; run "
+                          "the evaluation in one process (ckaqad eval) for --bootstrap")
     stats = {label: _StudentStats(maps[label], bootstrap > 0) for label in students}
     teacher_layers = sorted({t for m in maps.values() for t in m.teacher_layers})
     teacher_features = {t: SequenceFeatures() for t in teacher_layers} if bootstrap > 0 else {}
     shares = _NormShares(teacher_layers)
     sequences_seen = 0
-    teacher_nll, teacher_tokens = 0.0, 0
+    teacher_sums = {"nll": 0.0, "tokens": 0}
     captures = {label: LayerCapture(model, maps[label].student_layers, detach=True)
                 for label, model in students.items()}
     teacher_capture = LayerCapture(teacher, teacher_layers, detach=True)
@@ -231,54 +288,73 @@ def measure_fidelity(teacher: nn.Module, students: dict[str, nn.Module], batches
     router_captures = {label: RouterCapture(model, detach=True) for label, model in students.items()
                        if routed and set(router_modules(model)) == set(routed)}
     teacher_routers = RouterCapture(teacher, detach=True) if routed else None
+
+    def score(batch: dict, stats: dict[str, _StudentStats], shares: _NormShares, teacher_sums: dict) -> None:
+        nonlocal sequences_seen
+        mask = valid_token_mask(batch["input_ids"], batch.get("attention_mask"), n_sink, exclude_token_ids)
+        rows = mask.flatten().nonzero().squeeze(1)
+        # Every capture gets this batch's rows before any forward: a student that is the teacher object
+        # itself (`ckaqad eval --model default`) has both hooks fire in the teacher's forward.
+        for capture in (teacher_capture, *captures.values()):
+            capture.rows = rows
+        t_logits = teacher(**batch).logits
+        teacher_states = teacher_capture.take()
+        teacher_routing = teacher_routers.take() if routed else {}
+        nll, count = next_token_nll(t_logits, batch["input_ids"], batch.get("attention_mask"))
+        teacher_sums["nll"] += float(nll)
+        teacher_sums["tokens"] += count
+        sequence = rows // batch["input_ids"].shape[1] + sequences_seen
+        sequences_seen += batch["input_ids"].shape[0]
+        keep = {t: _robust_rows(teacher_states[t], massive_factor) for t in teacher_layers}
+        for t in teacher_layers:
+            shares.add(t, teacher_states[t].float().pow(2).sum(1))
+            if bootstrap > 0:
+                teacher_features[t].add(teacher_states[t][keep[t]], sequence[keep[t]])
+        real = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+        n_real = int(real.sum())
+        t_top1 = t_logits.argmax(-1)
+        for label, model in students.items():
+            st = stats[label]
+            s_logits = model(**batch).logits
+            student_states = captures[label].take()
+            if label in router_captures:
+                real_rows = real.flatten().nonzero()[:, 0]
+                st.routing.update(router_captures[label].take(), teacher_routing, real_rows)
+            st.kl_sum += float(chunked_kl(s_logits, t_logits, real)) * n_real
+            st.kl_tokens += n_real
+            nll, count = next_token_nll(s_logits, batch["input_ids"], batch.get("attention_mask"))
+            st.nll_sum += float(nll)
+            st.nll_tokens += count
+            st.agree += int(((s_logits.argmax(-1) == t_top1) & real).sum())
+            for s, t in st.layer_map.pairs:
+                st.cka[s].update(student_states[s][keep[t]], teacher_states[t][keep[t]])
+                if bootstrap > 0:
+                    st.features[s].add(student_states[s][keep[t]], sequence[keep[t]])
+
+    # A sharded student's weights exist whole only inside its blocks' forwards: quantize them there.
+    held = contextlib.nullcontext() if any(is_sharded(m) for m in students.values()) \
+        else cached_quantized_weights(*students.values())
     try:
-        with cached_quantized_weights(*students.values()):
-            for batch in tqdm(batches, total=total, desc="diagnose", disable=not progress, unit="batch"):
-                mask = valid_token_mask(batch["input_ids"], batch.get("attention_mask"), n_sink, exclude_token_ids)
-                rows = mask.flatten().nonzero().squeeze(1)
-                # Every capture gets this batch's rows before any forward: a student that is the teacher object
-                # itself (`ckaqad eval --model default`) has both hooks fire in the teacher's forward.
-                for capture in (teacher_capture, *captures.values()):
-                    capture.rows = rows
-                t_logits = teacher(**batch).logits
-                teacher_states = teacher_capture.take()
-                teacher_routing = teacher_routers.take() if routed else {}
-                nll, count = next_token_nll(t_logits, batch["input_ids"], batch.get("attention_mask"))
-                teacher_nll += float(nll)
-                teacher_tokens += count
-                sequence = rows // batch["input_ids"].shape[1] + sequences_seen
-                sequences_seen += batch["input_ids"].shape[0]
-                keep = {t: _robust_rows(teacher_states[t], massive_factor) for t in teacher_layers}
-                for t in teacher_layers:
-                    shares.add(t, teacher_states[t].float().pow(2).sum(1))
-                    if bootstrap > 0:
-                        teacher_features[t].add(teacher_states[t][keep[t]], sequence[keep[t]])
-                real = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
-                n_real = int(real.sum())
-                t_top1 = t_logits.argmax(-1)
-                for label, model in students.items():
-                    st = stats[label]
-                    s_logits = model(**batch).logits
-                    student_states = captures[label].take()
-                    if label in router_captures:
-                        real_rows = real.flatten().nonzero()[:, 0]
-                        st.routing.update(router_captures[label].take(), teacher_routing, real_rows)
-                    st.kl_sum += float(chunked_kl(s_logits, t_logits, real)) * n_real
-                    st.kl_tokens += n_real
-                    nll, count = next_token_nll(s_logits, batch["input_ids"], batch.get("attention_mask"))
-                    st.nll_sum += float(nll)
-                    st.nll_tokens += count
-                    st.agree += int(((s_logits.argmax(-1) == t_top1) & real).sum())
-                    for s, t in st.layer_map.pairs:
-                        st.cka[s].update(student_states[s][keep[t]], teacher_states[t][keep[t]])
-                        if bootstrap > 0:
-                            st.features[s].add(student_states[s][keep[t]], sequence[keep[t]])
+        with held:
+            for batch, counted in tqdm(_rank_batches(batches, world), total=total, desc="diagnose",
+                                       disable=not progress, unit="batch"):
+                if counted:
+                    score(batch, stats, shares, teacher_sums)
+                else:  # the forwards every rank must run, scored into nothing
+                    score(batch, {label: _StudentStats(maps[label]) for label in students},
+                          _NormShares(teacher_layers), {"nll": 0.0, "tokens": 0})
     finally:
         teacher_capture.remove()
         for capture in (*captures.values(), *router_captures.values(), *([teacher_routers] if routed else [])):
             capture.remove()
+    if distributed:
+        for st in stats.values():
+            st.all_reduce_()
+        shares.all_gather_()
+        teacher_sums = {key: sum(part[key] for part in _gathered(teacher_sums)) for key in teacher_sums}
     results = {label: st.result(label, teacher_features, bootstrap) for label, st in stats.items()}
     massive = shares.rows()
+    teacher_nll, teacher_tokens = teacher_sums["nll"], teacher_sums["tokens"]
     teacher_stats = {"perplexity": math.exp(teacher_nll / max(teacher_tokens, 1)), "predicted_tokens": teacher_tokens,
                      "massive": massive, "massive_summary": massive_summary(massive), "massive_factor": massive_factor}
     return results, teacher_stats

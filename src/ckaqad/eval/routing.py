@@ -75,6 +75,16 @@ class RoutingStats:
             self.student_load[index] = self.student_load.get(index, 0) + expert_load(s_chosen, experts)
             self.top_k[index] = t_chosen.shape[1]
 
+    def merge(self, other: RoutingStats) -> None:
+        """Add `other`'s sums (another rank's share of the tokens) to these."""
+        for index, tokens in other.tokens.items():
+            self.jaccard[index] = self.jaccard.get(index, 0.0) + other.jaccard[index]
+            self.kl[index] = self.kl.get(index, 0.0) + other.kl[index]
+            self.tokens[index] = self.tokens.get(index, 0) + tokens
+            self.teacher_load[index] = self.teacher_load.get(index, 0) + other.teacher_load[index]
+            self.student_load[index] = self.student_load.get(index, 0) + other.student_load[index]
+            self.top_k[index] = other.top_k[index]
+
     def rows(self) -> list[dict]:
         """One row per MoE layer: {layer, experts, top_k, tokens, jaccard, router_kl, teacher_load, student_load}
         (loads as shares of all choices)."""

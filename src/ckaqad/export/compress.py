@@ -278,35 +278,52 @@ def compress(state_dict: dict[str, torch.Tensor], scales: Scales, layout: str | 
     `state_dict` is a student's (name -> tensor, any device); `scales` names its quantized modules and their
     global amaxes (`scales_of(model)`, or `scales_from_state_dict` for a state dict without a model).
     """
-    layout = get_layout(layout)
-    names = scales.names
-    owned = {f"{name}.{local}": name for name in scales.modules for local in MODULE_TENSORS}
-    missing = [f"{name}.weight" for name in scales.modules if f"{name}.weight" not in state_dict]
-    if missing:
-        raise ExportError(f"the state dict has no weight for the quantized modules {missing[:3]}")
-    # A quantized experts module's state-dict entries: its fused parameters, their biases and its scale buffers.
-    expert_of = {}
-    for name in scales.experts:
-        expert_layout = names.experts[name][0]
-        for param in expert_layout.fused:
-            expert_of.update(dict.fromkeys((f"{name}.{param}", f"{name}.{param}_weight_amax",
-                                            f"{name}.{param}_input_amax"), name))
-        expert_of.update(dict.fromkeys([f"{name}.{b}" for b in expert_layout.biases.values()] +
-                                       [f"{name}.calib_tokens"], name))
+    check_quantized_weights(state_dict, scales)
+    compressor = EntryCompressor(scales, layout)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
-        name = owned.get(key)
-        if key in expert_of:
-            out.update(_compress_experts_entry(key, tensor, expert_of[key], scales, layout))
-        elif name is None:
-            if key != scales.tied_output:
-                out[names.key(key)] = _dense(tensor)
-        elif key == f"{name}.weight":
-            locals_ = compress_linear(tensor, scales.weight_amax[name], scales.input_amax.get(name), layout)
-            out.update({f"{names.module(name)}.{local}": t for local, t in locals_.items()})
-        elif key == f"{name}.bias":
-            out[names.key(key)] = _dense(tensor)
+        out.update(compressor(key, tensor))
     return out
+
+
+def check_quantized_weights(keys, scales: Scales) -> None:
+    """ExportError unless the state-dict `keys` hold the weight of every quantized module."""
+    missing = [f"{name}.weight" for name in scales.modules if f"{name}.weight" not in keys]
+    if missing:
+        raise ExportError(f"the state dict has no weight for the quantized modules {missing[:3]}")
+
+
+class EntryCompressor:
+    """`compress` one state-dict entry at a time: `compressor(key, tensor)` -> that entry's export tensors
+    (none for a tied output embedding or a scale buffer that is folded into its layer's tensors). The streaming
+    export (`export.writer`) feeds it a block's entries at a time; `compress` feeds it a whole state dict."""
+
+    def __init__(self, scales: Scales, layout: str | Layout) -> None:
+        self.scales, self.layout = scales, get_layout(layout)
+        self.owned = {f"{name}.{local}": name for name in scales.modules for local in MODULE_TENSORS}
+        # A quantized experts module's state-dict entries: its fused parameters, their biases and its scale buffers.
+        self.expert_of: dict[str, str] = {}
+        for name in scales.experts:
+            expert_layout = scales.names.experts[name][0]
+            for param in expert_layout.fused:
+                self.expert_of.update(dict.fromkeys((f"{name}.{param}", f"{name}.{param}_weight_amax",
+                                                     f"{name}.{param}_input_amax"), name))
+            self.expert_of.update(dict.fromkeys([f"{name}.{b}" for b in expert_layout.biases.values()] +
+                                                [f"{name}.calib_tokens"], name))
+
+    def __call__(self, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        scales, layout, names = self.scales, self.layout, self.scales.names
+        name = self.owned.get(key)
+        if key in self.expert_of:
+            return _compress_experts_entry(key, tensor, self.expert_of[key], scales, layout)
+        if name is None:
+            return {} if key == scales.tied_output else {names.key(key): _dense(tensor)}
+        if key == f"{name}.weight":
+            locals_ = compress_linear(tensor, scales.weight_amax[name], scales.input_amax.get(name), layout)
+            return {f"{names.module(name)}.{local}": t for local, t in locals_.items()}
+        if key == f"{name}.bias":
+            return {names.key(key): _dense(tensor)}
+        return {}
 
 
 def _compress_experts_entry(key: str, tensor: torch.Tensor, module: str, scales: Scales,

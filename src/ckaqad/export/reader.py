@@ -21,6 +21,7 @@ from ckaqad.export.compress import (
     to_state_dict,
 )
 from ckaqad.export.layouts import Layout, detect, read_json
+from ckaqad.export.shards import weight_files
 from ckaqad.models.arch import tied_output_name
 from ckaqad.paths import ExportDir
 from ckaqad.quant.apply import quant_experts, quant_linears, quantize_model_
@@ -48,13 +49,10 @@ def inspect_export(export_dir: str | os.PathLike) -> ExportInfo:
     if not export.root.is_dir():
         raise ExportError(f"{export.root} is not a directory")
     found = detect(export.root)
-    if export.shard_index.is_file():
-        weight_map = read_json(export.shard_index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ExportError(f"{export.shard_index} has no weight_map")
-        files = [export.root / name for name in sorted(set(weight_map.values()))]
-    else:
-        files = [export.single_shard]
+    try:
+        files = weight_files(export.root)  # the index's files, else model.safetensors
+    except ValueError as exc:  # an index that is not JSON or has no weight_map
+        raise ExportError(f"{export.shard_index} is not a shard index: {exc}") from exc
     missing = [p.name for p in files if not p.is_file()]
     if missing:
         raise ExportError(f"{export.root} is incomplete: missing {', '.join(missing)}")

@@ -10,22 +10,26 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import safetensors.torch as safetensors_torch
 import torch
 from torch import nn
 
 from ckaqad.capture import is_router
 from ckaqad.errors import ConfigError, ExportError
-from ckaqad.export.compress import CheckpointNames, Scales, compress, scales_of, scales_record
+from ckaqad.export.compress import (
+    CheckpointNames,
+    EntryCompressor,
+    Scales,
+    check_quantized_weights,
+    scales_of,
+    scales_record,
+)
 from ckaqad.export.layouts import Layout, get_layout
 from ckaqad.export.reader import is_export_dir, load_tokenizer
+from ckaqad.export.shards import DEFAULT_SHARD_SIZE_BYTES, ShardWriter
 from ckaqad.files import atomic_directory, write_json
 from ckaqad.paths import ExportDir
 from ckaqad.quant.apply import freeze_scales
 from ckaqad.quant.experts import QuantExperts
-
-# 2 GiB: the shard size Hugging Face's save_pretrained uses in recent releases.
-DEFAULT_SHARD_SIZE_BYTES = 2 * 1024 ** 3
 
 
 @dataclass
@@ -70,15 +74,16 @@ class ExportSummary:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def summarize(state_dict: dict[str, torch.Tensor], scales: Scales, tensors: dict[str, torch.Tensor],
+def summarize(state_dict: dict[str, torch.Tensor], scales: Scales, tensor_sizes: dict[str, int],
               layout: Layout, total_params: int, out_dir: Path, files: dict[str, int]) -> ExportSummary:
-    """The `ExportSummary` of `tensors` (the compressed `state_dict`) written as `files` (name -> bytes)."""
+    """The `ExportSummary` of the compressed `state_dict` (`tensor_sizes`: export tensor name -> bytes) written
+    as `files` (name -> bytes)."""
     quantized_params = sum(state_dict[f"{name}.weight"].numel() for name in scales.modules)
     quantized_params += sum(state_dict[f"{m}.{p}"].numel() for m in scales.experts
                             for p in scales.names.experts[m][0].fused)
     modules = {scales.names.module(name) for name in scales.modules} | set(scales.expert_projections())
     locals_ = set(layout.names.all())
-    quantized_bytes = sum(t.numel() * t.element_size() for key, t in tensors.items()
+    quantized_bytes = sum(size for key, size in tensor_sizes.items()
                           if key.rpartition(".")[0] in modules and key.rpartition(".")[2] in locals_)
     tensor_bytes = sum(size for name, size in files.items() if name.endswith(".safetensors"))
     return ExportSummary(
@@ -88,41 +93,6 @@ def summarize(state_dict: dict[str, torch.Tensor], scales: Scales, tensors: dict
         quantized_params=quantized_params, quantized_bytes=quantized_bytes,
         bits_per_quantized_param=8 * quantized_bytes / max(quantized_params, 1), total_params=total_params,
         bf16_bytes=2 * total_params, size_vs_bf16=tensor_bytes / max(2 * total_params, 1))
-
-
-def plan_shards(tensors: dict[str, torch.Tensor], shard_size_bytes: int) -> list[list[str]]:
-    """Consecutive tensors grouped into shards of at most `shard_size_bytes` (a bigger tensor goes alone)."""
-    shards: list[list[str]] = []
-    current: list[str] = []
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > shard_size_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
-def write_shards(tensors: dict[str, torch.Tensor], directory: Path, shard_size_bytes: int) -> None:
-    """`model.safetensors`, or `model-0000i-of-0000N.safetensors` plus `model.safetensors.index.json`."""
-    export = ExportDir(directory)
-    shards = plan_shards(tensors, shard_size_bytes)
-    if len(shards) == 1:
-        safetensors_torch.save_file(tensors, str(export.single_shard), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, names in enumerate(shards, start=1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        safetensors_torch.save_file({n: tensors[n] for n in names}, str(directory / filename),
-                                    metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, filename))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    write_json(export.shard_index, index, sort_keys=True)
 
 
 def unquantized_linears(student: nn.Module, names: CheckpointNames | None = None) -> list[str]:
@@ -181,6 +151,19 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise ExportError(f"{out_dir} exists and is not an export; refusing to replace it")
 
 
+def write_compressed(state_dict: dict[str, torch.Tensor], scales: Scales, layout: Layout, directory: Path,
+                     shard_size_bytes: int) -> dict[str, int]:
+    """Compress `state_dict` entry by entry into safetensors shards in `directory` (`export.shards`); returns
+    export tensor name -> bytes. Only the current shard's compressed tensors are held, never the whole
+    compressed model; the files equal those of `write_shards(compress(state_dict, ...))` byte for byte."""
+    compressor = EntryCompressor(scales, layout)
+    writer = ShardWriter(directory, shard_size_bytes)
+    for key, tensor in state_dict.items():
+        writer.add(compressor(key, tensor))
+    writer.close()
+    return writer.sizes
+
+
 def export_student(student: nn.Module, tokenizer, out_dir: str | os.PathLike,
                    layout: str | Layout = "compressed-tensors", overwrite: bool = False,
                    teacher_dir: str | os.PathLike | None = None,
@@ -214,14 +197,14 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | os.PathLike,
             raise ExportError("export needs a tokenizer (or teacher_dir to read it from)")
         tokenizer = load_tokenizer(teacher_dir)
     state_dict = student.state_dict()
-    tensors = compress(state_dict, scales, layout)
+    check_quantized_weights(state_dict, scales)
     quantization_config, extra_files = layout.config_files(scales.w4a4, unquantized_linears(student, scales.names))
     config = model_config(student, quantization_config)
     total_params = sum(p.numel() for p in student.parameters())  # parameters() skips tied duplicates
     try:
         with atomic_directory(out_dir, replace=overwrite) as tmp:
             export = ExportDir(tmp)
-            write_shards(tensors, tmp, shard_size_bytes)
+            sizes = write_compressed(state_dict, scales, layout, tmp, shard_size_bytes)
             write_json(export.config, config, sort_keys=True)
             for name, data in extra_files.items():
                 write_json(tmp / name, data, sort_keys=True)
@@ -229,7 +212,7 @@ def export_student(student: nn.Module, tokenizer, out_dir: str | os.PathLike,
             write_generation_config(student, tokenizer, teacher_dir, tmp)
             tokenizer.save_pretrained(str(tmp))
             files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-            summary = summarize(state_dict, scales, tensors, layout, total_params, out_dir, files)
+            summary = summarize(state_dict, scales, sizes, layout, total_params, out_dir, files)
             write_json(export.summary, summary.to_dict(), sort_keys=True)
     except ConfigError as exc:  # atomic_directory: the target appeared while we were writing
         raise ExportError(str(exc)) from exc

@@ -1,5 +1,5 @@
 """FSDP2 for distillation: the student sharded per decoder block with FP32 master shards, the frozen teacher
-sharded the same way or replicated, activation checkpointing per block, and full state dicts on rank 0.
+sharded the same way or replicated, and activation checkpointing per block.
 
 Layout (torchtitan's `apply_fsdp`/`apply_ac`): each decoder block is one `fully_shard` unit, the root unit
 holds the embeddings, final norm and head (a tied head stays one tensor in one unit). Parameters live as
@@ -16,14 +16,11 @@ q/k/v input is found by identity within one forward, also when checkpointing rec
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -108,25 +105,3 @@ def optimizer_local_bytes(optimizer: torch.optim.Optimizer) -> int:
                 local = value.to_local() if isinstance(value, DTensor) else value
                 total += local.numel() * local.element_size()
     return total
-
-
-@contextlib.contextmanager
-def unsharded(model: nn.Module) -> Iterator[None]:
-    """All of a sharded model's parameters gathered for the block (an evaluation that quantizes every weight
-    once up front reads them outside any forward); resharded afterwards. A plain model passes through."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.unshard()
-    try:
-        yield
-    finally:
-        for unit in units:
-            unit.reshard()
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's full state dict on CPU, assembled on rank 0 (other ranks get {}); of a plain model, its own
-    state dict."""
-    if not is_sharded(model):
-        return {k: v.detach() for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,9 +1,10 @@
 """Student directories: a student carries its own config, so it loads without rebuilding it from a teacher.
 
 A student directory (`paths.StudentDir`) holds `model.safetensors` (the student's state dict, including
-calibrated `input_amax` buffers), the HF `config.json` of its own architecture (its depth and width may
-differ from the teacher's), tokenizer files, and `ckaqad_student.json`: `{"quant": QuantConfig fields or
-null, "quantized": [module names], ...}`. Only the vocabulary has to match a teacher.
+calibrated `input_amax` buffers; a large one in shards with `model.safetensors.index.json`, `export.shards`),
+the HF `config.json` of its own architecture (its depth and width may differ from the teacher's), tokenizer
+files, and `ckaqad_student.json`: `{"quant": QuantConfig fields or null, "quantized": [module names], ...}`.
+Only the vocabulary has to match a teacher.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+from torch.distributed.tensor import DTensor
 
 from ckaqad.errors import CheckpointError
+from ckaqad.export.shards import DEFAULT_SHARD_SIZE_BYTES, READ_ERRORS, ShardWriter, read_weights, weight_files
 from ckaqad.files import atomic_directory
 from ckaqad.models.arch import tied_output_name
 from ckaqad.paths import CheckpointDir, ShardedCheckpointDir, StudentDir
@@ -28,20 +29,46 @@ from ckaqad.quant.apply import quant_config_of, quant_modules, quantize_model_
 from ckaqad.quant.linear import QuantConfig
 
 
-def state_dict_for_file(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with tied tensors stored once each (safetensors refuses shared storage)."""
-    return _untied_for_file(model.state_dict())
-
-
-def save_student_dir(student: nn.Module, path: Path, tokenizer=None, extra: dict | None = None,
-                     state: dict[str, torch.Tensor] | None = None) -> None:
+def save_student_dir(student: nn.Module, path: Path | None, tokenizer=None, extra: dict | None = None,
+                     shard_size_bytes: int = DEFAULT_SHARD_SIZE_BYTES) -> None:
     """Write a student directory at `path` (which must not be visible to readers yet: callers write into a
-    temp dir and rename). `state`: the weights to write instead of the student's own state dict (the full
-    state dict a sharded student assembled on rank 0)."""
-    directory = StudentDir(Path(path))
-    save_architecture(student, directory.root, tokenizer, extra)
-    weights = state_dict_for_file(student) if state is None else _untied_for_file(state)
-    save_file(weights, str(directory.weights), metadata={"format": "pt"})
+    temp dir and rename): its architecture and `write_student_weights`. A student sharded with FSDP2 is
+    written by every rank together, each passing the same arguments but only rank 0 a `path` (None elsewhere)."""
+    if path is not None:
+        save_architecture(student, Path(path), tokenizer, extra)
+    write_student_weights(student, None if path is None else StudentDir(Path(path)), shard_size_bytes)
+
+
+def write_student_weights(student: nn.Module, directory: StudentDir | None,
+                          shard_size_bytes: int = DEFAULT_SHARD_SIZE_BYTES) -> None:
+    """The student's state dict as safetensors files in `directory` (`model.safetensors`, or shards of at
+    most `shard_size_bytes` plus `model.safetensors.index.json`; `export.shards`), one tensor at a time.
+
+    A student sharded with FSDP2 (DTensor parameters) is streamed: every rank walks the state dict in the same
+    order and gathers one parameter at a time (`DTensor.full_tensor()`, a collective, so every rank must call
+    this; only the one given a `directory` keeps and writes the tensors). That rank holds at most one file's
+    tensors plus one tensor, never the full state dict, and writes the same files, byte for byte, as one
+    process writing the same weights. Names are the state dict's without activation-checkpoint wrappers."""
+    writer = ShardWriter(directory.root, shard_size_bytes) if directory is not None else None
+    seen: set[int] = set()
+    for key, value in student.state_dict().items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        if writer is None:
+            continue
+        tensor = value.detach().to("cpu").contiguous()
+        if tensor.numel() and tensor.data_ptr() in seen:
+            tensor = tensor.clone()  # a tied tensor: safetensors refuses shared storage
+        seen.add(tensor.data_ptr())
+        writer.add({key.replace(_CHECKPOINT_PREFIX, ""): tensor})
+    if writer is not None:
+        writer.close()
+
+
+def read_student_weights(directory: StudentDir, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a student directory (one file, or the files its shard index names) on `device`.
+    OSError, ValueError or SafetensorError for a missing or damaged file (the callers say what to do)."""
+    return read_weights(weight_files(directory.root), device)
 
 
 def save_architecture(student: nn.Module, path: Path, tokenizer=None, extra: dict | None = None) -> None:
@@ -56,17 +83,6 @@ def save_architecture(student: nn.Module, path: Path, tokenizer=None, extra: dic
     quantized = sorted(name.replace(_CHECKPOINT_PREFIX, "") for name in quant_modules(student))
     meta = {"quant": asdict(config) if config else None, "quantized": quantized, **(extra or {})}
     directory.meta.write_text(json.dumps(meta, indent=2))
-
-
-def _untied_for_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {k: v.detach().contiguous() for k, v in state.items()}
-    seen: dict[int, str] = {}
-    for key in list(out):
-        ptr = out[key].data_ptr()
-        if ptr in seen and out[key].numel():
-            out[key] = out[key].clone()
-        seen[ptr] = key
-    return out
 
 
 def read_meta(path: Path) -> dict:
@@ -118,9 +134,9 @@ def load_student_dir(path: Path, device: torch.device | str = "cpu") -> tuple[nn
     meta = read_meta(path)
     model = build_from_meta(path, meta)
     try:
-        weights = load_file(str(StudentDir(path).weights), device=str(device))
-    except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"cannot read {StudentDir(path).weights}: {exc}") from exc
+        weights = read_student_weights(StudentDir(path), device)
+    except READ_ERRORS as exc:
+        raise CheckpointError(f"cannot read the weights of {path}: {exc}") from exc
     model.to(device)
     load_weights(model, weights, path)
     model.requires_grad_(False).eval()

@@ -38,7 +38,7 @@ from ckaqad.errors import CheckpointError, ConfigError, DiskFullError
 from ckaqad.files import atomic_directory, is_out_of_space, ordinary_permissions
 from ckaqad.parallel.dist import World, barrier, broadcast_text
 from ckaqad.paths import CheckpointDir, RunDir, ShardedCheckpointDir
-from ckaqad.students.store import check_weights_fit, save_architecture, save_student_dir
+from ckaqad.students.store import check_weights_fit, read_student_weights, save_architecture, save_student_dir
 
 
 @dataclass
@@ -47,10 +47,18 @@ class CheckpointConfig:
     """save a checkpoint every N optimizer steps (and always at the last step)"""
     keep_last: int = 2
     """number of most recent checkpoints kept"""
+    shard_size_mb: int = 2048
+    """largest safetensors file of a student directory (final student, one-process checkpoints) in MiB"""
 
     def __post_init__(self) -> None:
         if self.save_every < 1 or self.keep_last < 1:
             raise ConfigError("--save-every and --keep-last must be at least 1")
+        if self.shard_size_mb < 1:
+            raise ConfigError(f"--shard-size-mb must be at least 1, got {self.shard_size_mb}")
+
+    @property
+    def shard_size_bytes(self) -> int:
+        return self.shard_size_mb * 2**20
 
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -110,7 +118,8 @@ class CheckpointManager:
         target = self.run.checkpoint(step)
         with atomic_directory(target.root) as tmp:
             written = CheckpointDir(tmp)
-            save_student_dir(student, written.student.root, extra={"step": step})
+            save_student_dir(student, written.student.root, extra={"step": step},
+                             shard_size_bytes=self.config.shard_size_bytes)
             tensors, opt_meta = optimizer_to_files(optimizer)
             save_file(tensors, str(written.optimizer))
             save_file(rng_state(), str(written.rng))
@@ -181,7 +190,7 @@ class CheckpointManager:
         # Read and check everything before touching the student, optimizer or RNG: a damaged or foreign
         # checkpoint raises CheckpointError and leaves them as they were.
         try:
-            weights = load_file(str(latest.student.weights), device=str(device))
+            weights = read_student_weights(latest.student, device)
             state = json.loads(latest.state.read_text())
             tensors = load_file(str(latest.optimizer), device=str(device))
             rng = load_file(str(latest.rng))
@@ -225,7 +234,7 @@ class CheckpointManager:
         """A one-process checkpoint resumed under torchrun: every rank reads the full tensors and
         `set_state_dict` keeps its shards of them."""
         try:
-            weights = load_file(str(latest.student.weights))
+            weights = read_student_weights(latest.student)
             state = json.loads(latest.state.read_text())
             tensors = load_file(str(latest.optimizer))
             rng = load_file(str(latest.rng))

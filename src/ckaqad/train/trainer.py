@@ -30,7 +30,6 @@ from ckaqad.errors import ConfigError, TrainingError
 from ckaqad.objectives.base import ForwardOutputs, LossParts
 from ckaqad.objectives.compose import Composite
 from ckaqad.parallel.dist import World, peer_failures_as_errors
-from ckaqad.parallel.fsdp import unsharded
 from ckaqad.paths import RunDir
 from ckaqad.quant.apply import weights_quantized_once_per_step
 from ckaqad.registry import unknown_name
@@ -354,13 +353,13 @@ def make_captures(trainee: Trainee) -> Captures:
 
 def evaluate(trainee: Trainee) -> dict:
     """The held-out evaluation callback, with the student in eval mode for its duration. Under torchrun every
-    rank evaluates the same blocks with the student's weights gathered (the evaluation quantizes each weight
-    once, outside any forward), so every rank returns the same record."""
+    rank scores its share of the held-out blocks on the sharded student (one block's weights gathered at a
+    time, as in training) and the sums are reduced, so every rank returns the same record
+    (`eval.fidelity.measure_fidelity`'s `world`)."""
     was_training = trainee.student.training
     trainee.student.eval()
     try:
-        with unsharded(trainee.student):
-            return trainee.evaluate()
+        return trainee.evaluate()
     finally:
         trainee.student.train(was_training)
 
