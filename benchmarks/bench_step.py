@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import copy
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -346,7 +347,8 @@ def step_candidates(shape: ModelShape, device: torch.device, with_bf16: bool = T
 
 
 def measure_steps(shape: ModelShape, device: torch.device, rounds: int, with_bf16: bool = True,
-                  clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+                  clock: Callable[[], float] = time.perf_counter, rows_matching: str | None = None
+                  ) -> dict[str, float]:
     """Median seconds of a full `train_step` and of the student's forward+backward alone, every variant built
     in this process and timed in alternating rounds."""
     from ckaqad.train.trainer import autocast, make_captures, train_step
@@ -354,6 +356,8 @@ def measure_steps(shape: ModelShape, device: torch.device, rounds: int, with_bf1
     fns: dict[str, Callable[[], object]] = {}
     models: dict = {}
     for name, (kwargs, loss) in step_candidates(shape, device, with_bf16).items():
+        if rows_matching and not re.search(rows_matching, name):
+            continue
         trainee, batch, _ = build(shape, device, loss, "w4a4", **kwargs, models=models)
         captures = make_captures(trainee)
         step = [0]
@@ -395,7 +399,8 @@ def main_ratios(args) -> dict:
     layer = measure_layer(device, rounds if args.quick else 4 * rounds, clock)
     print_table("Fake quant of one layer against its GEMM (1536x576 weight, 512 tokens)", header,
                 ["what", "ms", "x fp32 GEMM"], [[r["what"], r["ms"], r["vs_fp32_gemm"]] for r in layer])
-    times = measure_steps(shape, device, rounds, with_bf16=not args.no_bf16, clock=clock)
+    times = measure_steps(shape, device, rounds, with_bf16=not args.no_bf16, clock=clock,
+                          rows_matching=args.step_rows)
     rows, steps = [], []
     for name, seconds in times.items():
         kind, _, variant = name.partition(" ")
@@ -429,6 +434,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--distributed", action="store_true",
                         help="FSDP2 across the processes of this launch (torchrun), or 1 plain process")
     parser.add_argument("--no-bf16", action="store_true", help="--ratios without the bf16 rows (less memory)")
+    parser.add_argument("--step-rows", default=None, metavar="REGEX",
+                        help="--ratios: only the step variants whose name matches (fewer students in memory)")
     parser.add_argument("--clock", default="wall", choices=["wall", "thread"],
                         help="--ratios on CPU: wall time, or the CPU time of the one thread (a shared machine)")
     parser.add_argument("--ratios", action="store_true",
