@@ -115,7 +115,7 @@ def run(config: Config) -> dict:
     print(f"demo on {device}: {cfg.format} {cfg.scheme}, {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} "
           f"tokens per method, lr {cfg.lr}")
     # The corpus and the calibrated PTQ student are built once: both methods train copies of it, and the
-    # diagnosis measures it untouched (each used to rebuild both: a third of the job on 2 CPU cores).
+    # diagnosis measures it untouched (each run and the diagnosis used to rebuild both: 15-20 s of the job).
     blocks = load_blocks(data, loaded.model, loaded.tokenizer)
     ptq, report = build_ptq_student(loaded.model, quant, blocks)
     shared = distill.SharedPTQ(blocks, ptq, report)
