@@ -3,12 +3,14 @@ backend) into one loop over the tensor, in place of the reference's dozen separa
 
 Bit-exact with the references (`nvfp4.fake_quantize_reference`, `mxfp4`, `int4`, and the served
 arithmetics of `nvfp4_runtime`; tests/formats/test_cpu_fused.py). The bodies below are the references'
-formulas, op for op, with two changes that keep the results and let inductor fuse:
+formulas, op for op, with three changes that keep the results and let inductor fuse:
 * the E2M1 magnitude is selected by the where-cascade over `e2m1.E2M1_BOUNDARIES` (`e2m1.e2m1_round`)
   instead of an index and a table gather (a gather cannot be vectorised and made the compiled reference
   slower than eager);
 * intermediate roundings to a narrower dtype (the runtime's amax / 6 in bf16) are kept:
-  `emulate_precision_casts`, without which inductor computes the whole chain in fp32.
+  `emulate_precision_casts`, without which inductor computes the whole chain in fp32;
+* a tensor's own NVFP4 global amax is the max of its block amaxes, inside the compiled function (max is
+  exact), instead of two eager passes over the tensor before it.
 Divisions stay IEEE divisions (inductor never rewrites x / y as x * (1 / y), and compiles with
 -ffp-contract=off, so no multiply-add is fused into an FMA).
 
