@@ -301,7 +301,7 @@ def layer_candidates(device: torch.device) -> dict[str, Callable[[], object]]:
     }
 
 
-def measure_layer(device: torch.device, rounds: int, clock: Callable[[], float] = time.perf_counter) -> list[dict]:
+def measure_layer(device: torch.device, rounds: int, clock: Callable[[], float] | None = None) -> list[dict]:
     with torch.no_grad():
         times = time_interleaved(layer_candidates(device), device, warmup=3 if rounds > 2 else 1, rounds=rounds,
                                  clock=clock)
@@ -347,7 +347,7 @@ def step_candidates(shape: ModelShape, device: torch.device, with_bf16: bool = T
 
 
 def measure_steps(shape: ModelShape, device: torch.device, rounds: int, with_bf16: bool = True,
-                  clock: Callable[[], float] = time.perf_counter, rows_matching: str | None = None
+                  clock: Callable[[], float] | None = None, rows_matching: str | None = None
                   ) -> dict[str, float]:
     """Median seconds of a full `train_step` and of the student's forward+backward alone, every variant built
     in this process and timed in alternating rounds."""

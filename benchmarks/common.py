@@ -24,9 +24,11 @@ def device_header(device: torch.device) -> dict:
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 10,
-            clock: Callable[[], float] = time.perf_counter) -> float:
+            clock: Callable[[], float] | None = None) -> float:
     """Median seconds per call (CUDA events on GPU, `clock` on CPU: wall time, or `time.thread_time`, the
-    CPU time of this thread, which a one-thread run on a shared machine is not charged for while preempted)."""
+    CPU time of this thread, which a one-thread run on a shared machine is not charged for while preempted;
+    default `time.perf_counter`)."""
+    clock = clock or time.perf_counter
     for _ in range(warmup):
         fn()
     times = []
@@ -79,7 +81,7 @@ def write_json(path: str | None, payload: dict) -> None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 1,
-                     rounds: int = 5, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+                     rounds: int = 5, clock: Callable[[], float] | None = None) -> dict[str, float]:
     """Median seconds per call of each function, timed in alternating rounds (a, b, c, a, b, c, ...) so that a
     load change on a shared machine hits every candidate alike; the ratios between them are the result."""
     for fn in fns.values():
