@@ -31,7 +31,9 @@ import argparse
 import contextlib
 import copy
 import os
+import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -299,9 +301,10 @@ def layer_candidates(device: torch.device) -> dict[str, Callable[[], object]]:
     }
 
 
-def measure_layer(device: torch.device, rounds: int) -> list[dict]:
+def measure_layer(device: torch.device, rounds: int, clock: Callable[[], float] | None = None) -> list[dict]:
     with torch.no_grad():
-        times = time_interleaved(layer_candidates(device), device, warmup=3 if rounds > 2 else 1, rounds=rounds)
+        times = time_interleaved(layer_candidates(device), device, warmup=3 if rounds > 2 else 1, rounds=rounds,
+                                 clock=clock)
     gemm = times["GEMM fp32 (512x576 @ 576x1536)"]
     return [{"what": name, "ms": t * 1e3, "vs_fp32_gemm": t / gemm} for name, t in times.items()]
 
@@ -343,7 +346,9 @@ def step_candidates(shape: ModelShape, device: torch.device, with_bf16: bool = T
     return rows
 
 
-def measure_steps(shape: ModelShape, device: torch.device, rounds: int, with_bf16: bool = True) -> dict[str, float]:
+def measure_steps(shape: ModelShape, device: torch.device, rounds: int, with_bf16: bool = True,
+                  clock: Callable[[], float] | None = None, rows_matching: str | None = None
+                  ) -> dict[str, float]:
     """Median seconds of a full `train_step` and of the student's forward+backward alone, every variant built
     in this process and timed in alternating rounds."""
     from ckaqad.train.trainer import autocast, make_captures, train_step
@@ -351,6 +356,8 @@ def measure_steps(shape: ModelShape, device: torch.device, rounds: int, with_bf1
     fns: dict[str, Callable[[], object]] = {}
     models: dict = {}
     for name, (kwargs, loss) in step_candidates(shape, device, with_bf16).items():
+        if rows_matching and not re.search(rows_matching, name):
+            continue
         trainee, batch, _ = build(shape, device, loss, "w4a4", **kwargs, models=models)
         captures = make_captures(trainee)
         step = [0]
@@ -372,7 +379,7 @@ def measure_steps(shape: ModelShape, device: torch.device, rounds: int, with_bf1
                 trainee.student.zero_grad(set_to_none=True)
 
             fns[f"fwd+bwd {name.removesuffix(' kl')}"] = fwd_bwd
-    return time_interleaved(fns, device, warmup=1, rounds=rounds)
+    return time_interleaved(fns, device, warmup=1, rounds=rounds, clock=clock)
 
 
 def main_ratios(args) -> dict:
@@ -381,13 +388,19 @@ def main_ratios(args) -> dict:
     if args.quick:
         shape = ModelShape("tiny", 64, 128, 2, 4, 2, 512, 2, 32, 32)
     rounds = 2 if args.quick else args.repeats
+    # Thread CPU time measures the work of a one-thread run alone on a machine shared with other jobs, where
+    # wall-clock medians of a few multi-second rounds move with the others' load.
+    if args.clock == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise SystemExit("--clock thread needs the CPU and one thread (OMP_NUM_THREADS=1)")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     header = {**device_header(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "bf16_units": cpu_bf16_units(),
+              "bf16_units": cpu_bf16_units(), "clock": args.clock,
               "model": shape.name, "batch": f"{shape.batch}x{shape.seq}"}
-    layer = measure_layer(device, rounds if args.quick else 4 * rounds)
+    layer = measure_layer(device, rounds if args.quick else 4 * rounds, clock)
     print_table("Fake quant of one layer against its GEMM (1536x576 weight, 512 tokens)", header,
                 ["what", "ms", "x fp32 GEMM"], [[r["what"], r["ms"], r["vs_fp32_gemm"]] for r in layer])
-    times = measure_steps(shape, device, rounds, with_bf16=not args.no_bf16)
+    times = measure_steps(shape, device, rounds, with_bf16=not args.no_bf16, clock=clock,
+                          rows_matching=args.step_rows)
     rows, steps = [], []
     for name, seconds in times.items():
         kind, _, variant = name.partition(" ")
@@ -421,6 +434,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--distributed", action="store_true",
                         help="FSDP2 across the processes of this launch (torchrun), or 1 plain process")
     parser.add_argument("--no-bf16", action="store_true", help="--ratios without the bf16 rows (less memory)")
+    parser.add_argument("--step-rows", default=None, metavar="REGEX",
+                        help="--ratios: only the step variants whose name matches (fewer students in memory)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "thread"],
+                        help="--ratios on CPU: wall time, or the CPU time of the one thread (a shared machine)")
     parser.add_argument("--ratios", action="store_true",
                         help="plain vs fp32/bf16 W4A4 step and fake quant vs GEMM, side by side (the fast-step table)")
     args = parser.parse_args(argv)

@@ -23,8 +23,12 @@ def device_header(device: torch.device) -> dict:
     return info
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 10) -> float:
-    """Median seconds per call (CUDA events on GPU, perf_counter on CPU)."""
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 10,
+            clock: Callable[[], float] | None = None) -> float:
+    """Median seconds per call (CUDA events on GPU, `clock` on CPU: wall time, or `time.thread_time`, the
+    CPU time of this thread, which a one-thread run on a shared machine is not charged for while preempted;
+    default `time.perf_counter`)."""
+    clock = clock or time.perf_counter
     for _ in range(warmup):
         fn()
     times = []
@@ -37,9 +41,9 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end) / 1000)
         else:
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     return statistics.median(times)
 
 
@@ -77,7 +81,7 @@ def write_json(path: str | None, payload: dict) -> None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 1,
-                     rounds: int = 5) -> dict[str, float]:
+                     rounds: int = 5, clock: Callable[[], float] | None = None) -> dict[str, float]:
     """Median seconds per call of each function, timed in alternating rounds (a, b, c, a, b, c, ...) so that a
     load change on a shared machine hits every candidate alike; the ratios between them are the result."""
     for fn in fns.values():
@@ -86,5 +90,5 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name].append(time_fn(fn, device, warmup=0, repeats=1))
+            times[name].append(time_fn(fn, device, warmup=0, repeats=1, clock=clock))
     return {name: statistics.median(values) for name, values in times.items()}

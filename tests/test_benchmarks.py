@@ -185,6 +185,20 @@ def test_step_ratios_quick_table_and_json(tmp_path, capsys, no_cuda):
     assert [row.strip().startswith(name) for row, name in zip(lines[3:], steps, strict=False)] == [True] * len(steps)
 
 
+def test_step_ratios_thread_clock_and_row_filter(no_cuda, one_thread):
+    """--clock thread (the one thread's CPU time, for a shared machine) is said in the header and refused with
+    more threads; --step-rows keeps only the matching step variants (and their forward+backward)."""
+    bench = load_script("bench_step")
+    payload = bench.main(["--ratios", "--quick", "--clock", "thread", "--step-rows", "w4a4 fp32 kl$"])
+    assert payload["header"]["clock"] == "thread"
+    steps = {r["what"]: r for r in payload["steps"]}
+    assert set(steps) == {"step w4a4 fp32 kl", "fwd+bwd w4a4 fp32"}
+    assert all(positive_finite(r["ms"]) and r["vs_plain_same_dtype"] is None for r in steps.values())
+    torch.set_num_threads(2)
+    with pytest.raises(SystemExit, match="one thread"):
+        bench.main(["--ratios", "--quick", "--clock", "thread"])
+
+
 # -------------------------------------------------------------------------------------------- rl_seeds
 
 

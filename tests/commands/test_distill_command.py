@@ -27,7 +27,7 @@ from conftest import save_tiny_teacher
 from safetensors.torch import load_file
 
 from ckaqad.commands import distill
-from ckaqad.data.blocks import DataConfig
+from ckaqad.data.blocks import DataConfig, load_blocks
 from ckaqad.errors import CheckpointError, CkaqadError, ConfigError, DataError, ModelError, TrainingError
 from ckaqad.models.load import load_model
 from ckaqad.objectives import kl as kl_objective
@@ -36,6 +36,7 @@ from ckaqad.parallel.config import ParallelConfig
 from ckaqad.paths import RunDir
 from ckaqad.quant.linear import QuantConfig
 from ckaqad.report.plots import plot_run
+from ckaqad.students.spec import build_ptq_student
 from ckaqad.train import trainer
 from ckaqad.train.checkpointer import CheckpointConfig, CheckpointManager
 from ckaqad.train.metrics import read_metrics
@@ -463,6 +464,23 @@ def test_activation_checkpointing_changes_no_number(workdir, straight, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     meta = json.loads((out / "student" / "ckaqad_student.json").read_text())
     assert meta["quantized"] == json.loads((straight / "student" / "ckaqad_student.json").read_text())["quantized"]
+
+
+def test_a_shared_ptq_student_trains_as_the_run_that_builds_its_own(workdir, loaded, straight, tmp_path):
+    """`ckaqad demo` builds the corpus and the calibrated PTQ student once for both methods (distill.SharedPTQ):
+    a run from them logs the values and writes the student of the run that builds its own, and the shared
+    student is left as it was built (the run trains a copy)."""
+    config = base_config(workdir, tmp_path / "shared")
+    blocks = load_blocks(config.data, loaded.model, loaded.tokenizer)
+    ptq, report = build_ptq_student(loaded.model, config.quant, blocks)
+    built = {k: v.clone() for k, v in ptq.state_dict().items()}
+    distill.run(config, teacher_loaded=loaded, shared=distill.SharedPTQ(blocks, ptq, report))
+    out = tmp_path / "shared"
+    assert train_view(metrics(out)) == train_view(metrics(straight))
+    assert eval_view(metrics(out)) == eval_view(metrics(straight))
+    a, b = weights(straight), weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(built[k], v) for k, v in ptq.state_dict().items())
 
 
 # ------------------------------------------------------------------------------------------------ golden

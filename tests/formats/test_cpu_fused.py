@@ -52,6 +52,8 @@ def check_all(x: torch.Tensor, global_amax=None) -> None:
     if x.dtype != torch.float32:
         return  # the weight paths see the float32 master weights (each dtype is one more compile)
     assert_bits_equal(cpu_fused.runtime_weight(x, amax), runtime_weight_reference(x, amax))
+    if global_amax is None:  # the own amax, taken inside the compiled function from the block amaxes
+        assert_bits_equal(cpu_fused.runtime_weight(x, None), runtime_weight_reference(x, amax))
     if x.shape[-1] % mxfp4.BLOCK_SIZE == 0:
         assert_bits_equal(cpu_fused.mxfp4_fake_quantize(x), mxfp4.fake_quantize_reference(x))
     if x.shape[-1] % int4.BLOCK_SIZE == 0:

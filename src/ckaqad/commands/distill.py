@@ -14,6 +14,7 @@ printing and writing run files.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,22 @@ def rank_calibration(blocks: TokenBlocks, quant: QuantConfig, world: World, equa
     return dataclasses.replace(blocks, train=rows)
 
 
+@dataclass
+class SharedPTQ:
+    """The data blocks and the calibrated PTQ student that a caller training several methods from one teacher
+    and one `DataConfig` builds once (`ckaqad demo`): each run trains a deep copy, which is the student a run of
+    its own would build (same blocks, same deterministic calibration), without the corpus and calibration."""
+
+    blocks: TokenBlocks
+    student: torch.nn.Module
+    report: object
+    """the `QuantReport` of the build"""
+
+    def for_run(self) -> tuple[torch.nn.Module, dict]:
+        print(self.report.summary())
+        return copy.deepcopy(self.student), self.report.to_dict()
+
+
 def make_student(config: Config, teacher: LoadedModel, blocks: TokenBlocks, world: World | None = None):
     """(student with gradients on, quantization report dict or None) from `--student`. Under torchrun each rank
     calibrates on its share of the calibration batches and the amaxes are max-reduced over ranks."""
@@ -206,13 +223,15 @@ def fidelity_callback(teacher: LoadedModel, student: torch.nn.Module, blocks: To
     return evaluate
 
 
-def build_trainee(config: Config, teacher_loaded: LoadedModel | None = None, world: World | None = None
-                  ) -> tuple[Trainee, dict | None]:
+def build_trainee(config: Config, teacher_loaded: LoadedModel | None = None, world: World | None = None,
+                  shared: SharedPTQ | None = None) -> tuple[Trainee, dict | None]:
     """Validate, load the teacher, data and student, create the optimizer, restore a checkpoint on resume.
 
     Nothing is written here: a run directory only appears once every input has been checked.
     """
     world = world or World()
+    # A shared PTQ student stands for `--student ptq` of one process (not a rank's share of the calibration).
+    assert shared is None or (config.student == "ptq" and not world.distributed)
     run = run_dir_of(config)
     cfg = config.train
     if cfg.batch_size % world.size:
@@ -228,13 +247,13 @@ def build_trainee(config: Config, teacher_loaded: LoadedModel | None = None, wor
         teacher, blocks, student, report = build_sharded(config, world)
     else:
         teacher = teacher_loaded or load_model(config.teacher, device=world.device(config.device))
-        blocks = load_blocks(config.data, teacher.model, teacher.tokenizer)
+        blocks = shared.blocks if shared else load_blocks(config.data, teacher.model, teacher.tokenizer)
     tokens_per_batch = cfg.batch_size * (config.data.seq_len - cfg.n_sink)
     if config.objective.uses_states and cfg.cka_tokens > tokens_per_batch:
         raise ConfigError(f"--cka-tokens {cfg.cka_tokens} is larger than the {tokens_per_batch} valid tokens "
                           f"of a micro-batch ({cfg.batch_size} x {config.data.seq_len}, sinks excluded)")
     if not on_meta:
-        student, report = make_student(config, teacher, blocks, world)
+        student, report = shared.for_run() if shared else make_student(config, teacher, blocks, world)
     layer_map = LayerMap.parse(config.layer_map, num_layers(student), num_layers(teacher.model), config.layers)
     if not on_meta:
         place_models(student, teacher, config.parallel, world)
@@ -331,17 +350,17 @@ def write_final_student(trainee: Trainee, config: Config, world: World) -> None:
         save_student_dir(trainee.student, tmp, trainee.tokenizer, extra=extra, shard_size_bytes=shard_bytes)
 
 
-def run(config: Config, teacher_loaded: LoadedModel | None = None) -> dict:
+def run(config: Config, teacher_loaded: LoadedModel | None = None, shared: SharedPTQ | None = None) -> dict:
     """Build (or resume) and train; write the final student, plots and summary.json; return the summary.
     Under torchrun every rank runs this; rank 0 alone writes files and prints."""
     with joined_world(config.device, config.parallel.dist_timeout) as world:
-        return _run(config, teacher_loaded, world)
+        return _run(config, teacher_loaded, world, shared)
 
 
-def _run(config: Config, teacher_loaded: LoadedModel | None, world: World) -> dict:
+def _run(config: Config, teacher_loaded: LoadedModel | None, world: World, shared: SharedPTQ | None = None) -> dict:
     if resolve_device(world.device(config.device)).type == "cpu":  # ConfigError for a device that is none
         return_freed_host_memory()  # the host RSS stays at the live tensors the planner counts (no numbers change)
-    trainee, report = build_trainee(config, teacher_loaded, world)
+    trainee, report = build_trainee(config, teacher_loaded, world, shared)
     if trainee.start_step == 0 and world.is_main:
         write_run_files(trainee, config, report)
     barrier()

@@ -3,19 +3,21 @@ backend) into one loop over the tensor, in place of the reference's dozen separa
 
 Bit-exact with the references (`nvfp4.fake_quantize_reference`, `mxfp4`, `int4`, and the served
 arithmetics of `nvfp4_runtime`; tests/formats/test_cpu_fused.py). The bodies below are the references'
-formulas, op for op, with two changes that keep the results and let inductor fuse:
+formulas, op for op, with three changes that keep the results and let inductor fuse:
 * the E2M1 magnitude is selected by the where-cascade over `e2m1.E2M1_BOUNDARIES` (`e2m1.e2m1_round`)
   instead of an index and a table gather (a gather cannot be vectorised and made the compiled reference
   slower than eager);
 * intermediate roundings to a narrower dtype (the runtime's amax / 6 in bf16) are kept:
-  `emulate_precision_casts`, without which inductor computes the whole chain in fp32.
+  `emulate_precision_casts`, without which inductor computes the whole chain in fp32;
+* a tensor's own NVFP4 global amax is the max of its block amaxes, inside the compiled function (max is
+  exact), instead of two eager passes over the tensor before it.
 Divisions stay IEEE divisions (inductor never rewrites x / y as x * (1 / y), and compiles with
 -ffp-contract=off, so no multiply-add is fused into an FMA).
 
-Cost: the first call of each function compiles it (10-30 s on the 2-core box; inductor's on-disk cache
-makes later processes faster), so the dispatch (`backends.fast_path`) takes it only for tensors of at least
+Cost: the first call of each function and dtype compiles it (10-30 s on the 2-core box; inductor's on-disk
+cache makes later processes faster), so the dispatch (`backends.fast_path`) takes it only for tensors of at least
 `MIN_ELEMENTS`, where the reference costs milliseconds. `CKAQAD_CPU_FUSED=0` turns it off, `=1` forces it
-for every size (the tests); shapes are compiled dynamic, once per function.
+for every size (the tests); shapes are compiled dynamic, once per function and dtype.
 """
 
 from __future__ import annotations
@@ -35,11 +37,20 @@ MIN_ELEMENTS = 65536
 _COMPILE_OPTIONS = {"emulate_precision_casts": True}
 
 
-def _nvfp4(x: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
-    """`nvfp4.fake_quantize_reference` with the amax given (the caller computes the tensor's own)."""
+def _block_and_global_amax(blocks: torch.Tensor, global_amax: torch.Tensor, own: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each block's amax, the global amax): the given one, or with `own` the tensor's own, taken as the max of
+    its blocks' amaxes (max is exact, NaN propagates as in `x.abs().amax()`), so it costs no pass over x."""
+    block_amax = blocks.abs().amax(dim=-1)
+    return block_amax, torch.where(own, block_amax.amax(), global_amax)
+
+
+def _nvfp4(x: torch.Tensor, global_amax: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """`nvfp4.fake_quantize_reference` with the amax given, or the tensor's own where `own` is true."""
     blocks = x.to(torch.float32).unflatten(-1, (-1, nvfp4.BLOCK_SIZE))
+    block_amax, global_amax = _block_and_global_amax(blocks, global_amax, own)
     g = nvfp4.global_scale_from_amax(global_amax)
-    s8 = nvfp4.block_scales_fp8(blocks.abs().amax(dim=-1), g)
+    s8 = nvfp4.block_scales_fp8(block_amax, g)
     s = (s8.to(torch.float32) * g).unsqueeze(-1)
     magnitude = e2m1_round(blocks.abs() / torch.where(s > 0, s, float("inf")))
     return torch.copysign(magnitude * s, blocks).flatten(-2).to(x.dtype)
@@ -56,7 +67,9 @@ def _mxfp4(x: torch.Tensor) -> torch.Tensor:
 
 
 def _int4(x: torch.Tensor) -> torch.Tensor:
-    return int4.fake_quantize_reference(x)
+    """`int4.fake_quantize_reference` without its shape check (the caller's; here it broke the graph in two)."""
+    q, scale = int4.blocks_unchecked(x)
+    return (q * scale).flatten(-2).to(x.dtype)
 
 
 def _runtime_input(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
@@ -73,12 +86,13 @@ def _runtime_input(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
     return (q * scale).flatten(-2).to(x.dtype)
 
 
-def _runtime_weight(w: torch.Tensor, global_amax: torch.Tensor) -> torch.Tensor:
+def _runtime_weight(w: torch.Tensor, global_amax: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
     """`quant.linear._runtime_weight`: ckaqad's NVFP4 codes and block scales of `w`, decompressed as
     compressed-tensors does, `bf16(fl32(q * fl32(bf16(s8) / G)))` with G = fl32(2688 / amax), in w's dtype."""
     blocks = w.to(torch.float32).unflatten(-1, (-1, nvfp4.BLOCK_SIZE))
+    block_amax, global_amax = _block_and_global_amax(blocks, global_amax, own)
     g = nvfp4.global_scale_from_amax(global_amax)
-    s8 = nvfp4.block_scales_fp8(blocks.abs().amax(dim=-1), g)
+    s8 = nvfp4.block_scales_fp8(block_amax, g)
     s = (s8.to(torch.float32) * g).unsqueeze(-1)
     magnitude = e2m1_round(blocks.abs() / torch.where(s > 0, s, float("inf")))
     q = torch.copysign(magnitude, blocks).to(torch.bfloat16)          # the code's value, -0 for code 8
@@ -96,43 +110,64 @@ def compiled(name: str) -> Callable:
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as (rows, K), rows marked unbacked: one compiled graph per function and dtype serves every shape
-    (no recompile for a rank or for 0/1-row tensors, which dynamic shapes would otherwise specialise)."""
+    """x as (rows, K), both sizes marked unbacked: one compiled graph per function and dtype serves every shape
+    (no recompile for a rank, a K, or 0/1-row tensors, which dynamic shapes would otherwise specialise).
+
+    Not a view where no gradient flows through (the straight-through Functions call these with grad off):
+    dynamo guards a view's base too, so a reshaped 1-D or 3-D input recompiled on its base's sizes."""
     rows = x.reshape(-1, x.shape[-1])
+    if not torch.is_grad_enabled():
+        rows = rows.detach()
     torch._dynamo.decorators.mark_unbacked(rows, 0)
+    torch._dynamo.decorators.mark_unbacked(rows, 1)
     return rows
 
 
-def _own_amax(x: torch.Tensor, global_amax) -> torch.Tensor:
+def _run(name: str, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+    """compiled(name) on x as (rows, K), returned in x's shape. Without a gradient to carry (the
+    straight-through Functions call with grad off) it runs under no_grad, so that a caller with grad mode on
+    (an evaluation, a test) does not compile a second graph for the other grad mode."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return compiled(name)(_rows(x), *args).reshape(x.shape)
+    with torch.no_grad():
+        return compiled(name)(_rows(x), *args).reshape(x.shape)
+
+
+_OWN, _GIVEN = torch.tensor(True), torch.tensor(False)
+_UNUSED_AMAX = torch.tensor(0.0)
+
+
+def _amax_arguments(x: torch.Tensor, global_amax) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global amax, own flag) for the compiled functions: None asks for the tensor's own amax."""
     if global_amax is None:
-        return x.abs().amax().to(torch.float32)
-    return torch.as_tensor(global_amax, dtype=torch.float32, device=x.device)
+        return _UNUSED_AMAX.to(x.device), _OWN.to(x.device)
+    return torch.as_tensor(global_amax, dtype=torch.float32, device=x.device), _GIVEN.to(x.device)
 
 
 def nvfp4_fake_quantize(x: torch.Tensor, global_amax=None) -> torch.Tensor:
     nvfp4.check_blockable(x)
-    return compiled("nvfp4")(_rows(x), _own_amax(x, global_amax)).reshape(x.shape)
+    return _run("nvfp4", x, *_amax_arguments(x, global_amax))
 
 
 def mxfp4_fake_quantize(x: torch.Tensor, global_amax=None) -> torch.Tensor:
     nvfp4.check_blockable(x, mxfp4.BLOCK_SIZE, "MXFP4")
-    return compiled("mxfp4")(_rows(x)).reshape(x.shape)
+    return _run("mxfp4", x)
 
 
 def int4_fake_quantize(x: torch.Tensor, global_amax=None) -> torch.Tensor:
     nvfp4.check_blockable(x, int4.BLOCK_SIZE, "INT4")
-    return compiled("int4")(_rows(x)).reshape(x.shape)
+    return _run("int4", x)
 
 
 def runtime_fake_quantize(x: torch.Tensor, global_scale) -> torch.Tensor:
     nvfp4.check_blockable(x, nvfp4.BLOCK_SIZE, "NVFP4 runtime")
     G = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device)
-    return compiled("runtime-input")(_rows(x), G).reshape(x.shape)
+    return _run("runtime-input", x, G)
 
 
 def runtime_weight(w: torch.Tensor, global_amax) -> torch.Tensor:
     nvfp4.check_blockable(w)
-    return compiled("runtime-weight")(_rows(w), _own_amax(w, global_amax)).reshape(w.shape)
+    return _run("runtime-weight", w, *_amax_arguments(w, global_amax))
 
 
 FUNCTIONS: dict[str, Callable] = {"nvfp4": nvfp4_fake_quantize, "mxfp4": mxfp4_fake_quantize,

@@ -33,6 +33,11 @@ class INT4Tensor:
 
 def _blocks(x: torch.Tensor):
     check_blockable(x, BLOCK_SIZE, "INT4")
+    return blocks_unchecked(x)
+
+
+def blocks_unchecked(x: torch.Tensor):
+    """(rounded codes as float, scales) of the groups of x, whose last dim the caller has checked."""
     blocks = x.to(torch.float32).unflatten(-1, (-1, BLOCK_SIZE))
     scale = blocks.abs().amax(dim=-1, keepdim=True) / QMAX
     q = torch.where(scale > 0, blocks / torch.where(scale > 0, scale, 1.0), 0.0)
