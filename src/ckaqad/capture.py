@@ -107,7 +107,24 @@ def select_rows(mask: torch.Tensor, m: int | None = None, generator: torch.Gener
     return rows
 
 
-class LayerCapture:
+class ForwardHooks:
+    """Forward hooks held in `_handles`, removed by `remove()` or on leaving a `with` block."""
+
+    _handles: list
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class LayerCapture(ForwardHooks):
     """Forward hooks that keep the residual-stream output of chosen decoder blocks at chosen token rows.
 
     Set `rows` (flat indices into B*T, or None for every token) before each forward; afterwards
@@ -156,16 +173,6 @@ class LayerCapture:
         states, self.states = self.states, {}
         return states
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self) -> LayerCapture:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 def rank_rows(rows: torch.Tensor, rank: int, world: int, rows_per_rank: int) -> tuple[torch.Tensor, list[int]]:
@@ -223,7 +230,7 @@ class RouterStates:
     kind: str
 
 
-class RouterCapture:
+class RouterCapture(ForwardHooks):
     """Forward hooks on every router of a model that keep its logits and chosen experts at `rows` (flat indices
     into B*T, or None for all tokens), like `LayerCapture`; `states[block index]` after each forward. With
     `detach` the logits are detached (teacher, evaluation); otherwise they carry the graph (the `router-kl`
@@ -262,13 +269,3 @@ class RouterCapture:
             self.active = True
             self.states = {}
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self) -> RouterCapture:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
