@@ -24,7 +24,8 @@ Two ways to fill the shards, measured side by side by benchmarks/meta_load.py:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,28 +235,37 @@ def materialize_(model: nn.Module, model_dir: Path, device: torch.device | str, 
     return model
 
 
-def read_expert(source: StoredExperts, expert: int, files: dict[str, Path]) -> torch.Tensor:
+def read_expert(source: StoredExperts, expert: int, handles: Mapping[Path, object],
+                files: dict[str, Path]) -> torch.Tensor:
     """Expert `expert`'s rows of the fused parameter, in its stored layout and the file's dtype: its per-expert
-    tensors read from the memory-mapped files (each file opened for this expert only, so its pages are not kept)
-    and merged (`ExpertsLayout.merge`)."""
+    tensors read from the memory-mapped files (`handles`: open `safe_open` handles by file) and merged
+    (`ExpertsLayout.merge`)."""
+    parts = {proj: handles[files[key]].get_tensor(key).unsqueeze(0) for proj, key in source.keys[expert].items()}
+    return source.layout.merge(source.param, parts)[0]
+
+
+@contextmanager
+def _opened(source: StoredExperts, experts: range, files: dict[str, Path]) -> Iterator[dict[Path, object]]:
+    """`safe_open` handles of the files holding `experts` of `source`, open while one fused parameter is read:
+    one header parse per file and parameter, and the mapped pages (the rank's rows of that parameter) end
+    with it."""
     from safetensors import safe_open
 
-    keys = source.keys[expert]
-    parts = {}
-    for path in sorted({files[k] for k in keys.values()}):
-        with safe_open(str(path), framework="pt") as fh:
-            parts.update({proj: fh.get_tensor(k).unsqueeze(0) for proj, k in keys.items() if files[k] == path})
-    return source.layout.merge(source.param, parts)[0]
+    with ExitStack() as stack:
+        paths = sorted({files[k] for e in experts for k in source.keys[e].values()})
+        yield {path: stack.enter_context(safe_open(str(path), framework="pt")) for path in paths}
 
 
 def fill_expert_rows_(out: torch.Tensor, source: StoredExperts, files: dict[str, Path],
                       offset: tuple[int, ...]) -> torch.Tensor:
     """Copy into `out` (a slice [n, ...] of the fused parameter starting at `offset`: expert rows offset[0] ..
-    offset[0] + n, a dim-0 shard) the stored values of those experts, one expert at a time (peak extra memory: one
-    expert's tensors), cast to `out`'s dtype."""
+    offset[0] + n, a dim-0 shard) the stored values of those experts, one expert at a time (peak extra
+    allocation: one expert's tensors), cast to `out`'s dtype."""
     inner = tuple(slice(o, o + s) for o, s in zip(offset[1:], out.shape[1:], strict=True))
-    for row in range(out.shape[0]):
-        out[row].copy_(read_expert(source, offset[0] + row, files)[inner])
+    experts = range(offset[0], offset[0] + out.shape[0])
+    with _opened(source, experts, files) as handles:
+        for row, expert in enumerate(experts):
+            out[row].copy_(read_expert(source, expert, handles, files)[inner])
     return out
 
 
@@ -303,12 +313,13 @@ def _broadcast_experts(param: torch.Tensor, source: StoredExperts, files: dict[s
     shape, offset = _local_box(param)
     inner = tuple(slice(o, o + s) for o, s in zip(offset[1:], shape[1:], strict=True))
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    for expert in range(param.shape[0]):
-        row = torch.empty(param.shape[1:], dtype=local.dtype, device=local.device)
-        if rank0:
-            row.copy_(read_expert(source, expert, files))
-        if dist.is_initialized():
-            dist.broadcast(row, src=0)
-        if offset[0] <= expert < offset[0] + shape[0]:
-            local[expert - offset[0]].copy_(row[inner])
-        del row
+    with _opened(source, range(param.shape[0]) if rank0 else range(0), files) as handles:
+        for expert in range(param.shape[0]):
+            row = torch.empty(param.shape[1:], dtype=local.dtype, device=local.device)
+            if rank0:
+                row.copy_(read_expert(source, expert, handles, files))
+            if dist.is_initialized():
+                dist.broadcast(row, src=0)
+            if offset[0] <= expert < offset[0] + shape[0]:
+                local[expert - offset[0]].copy_(row[inner])
+            del row
