@@ -177,9 +177,13 @@ def test_a_missing_expert_tensor_is_refused_by_name(moe_dirs, tmp_path):
         materialize_(meta.model, tmp_path, "cpu", "dcp")
 
 
-def test_a_checkpoint_without_safetensors_is_left_to_the_whole_build(moe_dirs, tmp_path):
+def test_checkpoints_meta_cannot_read_are_left_to_the_whole_build(moe_dirs, tmp_path):
+    """A .bin-only directory, and quantized weights (gpt-oss's MXFP4 experts) that transformers dequantizes."""
     (tmp_path / "config.json").write_bytes((moe_dirs["qwen3_moe"] / "config.json").read_bytes())
     meta = load_model_on_meta(moe_dirs["qwen3_moe"], torch.float32)
+    assert meta_unreadable(meta.model, moe_dirs["qwen3_moe"]) is None
     assert meta_unreadable(meta.model, tmp_path) == "it has no safetensors weight files"
     with pytest.raises(ModelError, match="no safetensors weight files; load it with --load-method whole"):
         materialize_(meta.model, tmp_path, "cpu", "dcp")
+    meta.model.config.quantization_config = {"quant_method": "mxfp4"}
+    assert "quantized (mxfp4)" in meta_unreadable(meta.model, moe_dirs["qwen3_moe"])

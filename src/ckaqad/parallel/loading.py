@@ -71,6 +71,9 @@ class StoredWeights:
     """parameters nothing in the files provides (a missing per-expert key is named in brackets)"""
     converted: list[str] = field(default_factory=list)
     """parameters transformers builds on load by a conversion other than merging experts (not read on meta)"""
+    quantized: str | None = None
+    """the checkpoint's quantization method (config.json's quantization_config: gpt-oss's MXFP4 experts, a
+    compressed-tensors model), which transformers dequantizes on load: not read on meta"""
 
 
 def _persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -102,7 +105,10 @@ def stored_weights(model: nn.Module, model_dir: Path) -> StoredWeights:
     from transformers.core_model_loading import apply_renamings, rename_source_key
 
     files = weight_keys(model_dir)
-    out = StoredWeights(files=files)
+    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+    out = StoredWeights(files=files, quantized=None if quantization is None else str(
+        quantization.get("quant_method", "yes") if isinstance(quantization, dict) else
+        getattr(quantization, "quant_method", "yes")))
     params = {file_name(n): p for n, p in model.named_parameters()}
     buffers = _persistent_buffers(model)
     known = {**buffers, **params}
@@ -161,14 +167,17 @@ def missing_weights(model: nn.Module, model_dir: Path) -> list[str]:
 
 def meta_unreadable(model: nn.Module, model_dir: Path) -> str | None:
     """Why the weights of `model_dir` cannot fill a meta-built `model` (then every rank loads it whole), or None:
-    no safetensors files (a .bin checkpoint: pickle, never read here), or tensors transformers converts on load
-    other than by merging experts. A missing tensor is not a reason: `materialize_` refuses it by name."""
+    no safetensors files (a .bin checkpoint: pickle, never read here), quantized weights (dequantized on load),
+    or tensors transformers converts on load other than by merging experts. A missing tensor is not a reason:
+    `materialize_` refuses it by name."""
     return _unreadable(stored_weights(model, model_dir))
 
 
 def _unreadable(stored: StoredWeights) -> str | None:
     if not stored.files:
         return "it has no safetensors weight files"
+    if stored.quantized:
+        return f"its weights are quantized ({stored.quantized}), which transformers dequantizes on load"
     if stored.converted:
         return (f"transformers converts {len(stored.converted)} of its tensors on load "
                 f"({', '.join(stored.converted[:3])})")
