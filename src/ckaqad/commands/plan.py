@@ -63,8 +63,7 @@ class Config:
     host_memory: float = 0.0
     """host memory of one node in GiB (0: not checked)"""
     load_method: str = "dcp"
-    """distill's --load-method: dcp or broadcast (built on meta, each rank reads its shards; any safetensors
-    teacher, MoE experts stored one by one included) or whole (every rank builds the whole model first)"""
+    """distill's --load-method: dcp or broadcast (built on meta, MoE included) or whole (built whole per rank)"""
 
     def __post_init__(self) -> None:
         if self.gpus < 1 or self.batch_size < 1 or self.seq_len < 1:
