@@ -60,6 +60,14 @@ def test_two_processes_train_the_moe_student_one_process_trains(runs):
     assert all(bool((a[k] > 0).all()) for k in amaxes if k.endswith("input_amax"))
 
 
+def test_the_broadcast_load_method_fills_each_ranks_experts_as_from_pretrained(runs):
+    """moe_worker.py after the run: the teacher built on meta and sharded (7 experts: 4 rows on rank 0, 3 on rank
+    1), filled by rank 0's per-expert broadcasts, gathers to the from_pretrained teacher bit for bit."""
+    results = [json.loads((runs / f"broadcast-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["expert_rows"] for r in results] == [[4], [3]]
+    assert all(r["equal"] for r in results)
+
+
 def test_the_sharded_evaluation_of_the_moe_student_equals_one_process(runs):
     """The final held-out evaluation, scored over 2 ranks (rank 0: batches 0 and 2, rank 1: batch 1) with the
     routing drift's sums merged, against one process scoring all 3 batches."""
