@@ -57,6 +57,27 @@ def test_a_meta_built_teacher_filled_from_its_files_is_the_loaded_teacher(teache
     assert torch.equal(meta.model(input_ids=ids).logits, loaded.model(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("method", ["dcp", "broadcast"])
+def test_a_tied_head_is_one_tensor_on_meta_as_from_pretrained_loads_it(tmp_path, method):
+    """tie_word_embeddings (SmolLM2, the embedded teacher): the files hold the embedding only; the head stays the
+    embedding's tensor through the build (accelerate's meta init) and `to_empty` (outside FSDP2: a replicated
+    teacher)."""
+    import json
+
+    save_tiny_teacher(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_model(tmp_path, device="cpu").model
+    meta = load_model_on_meta(tmp_path, torch.float32).model
+    assert meta.lm_head.weight is meta.model.embed_tokens.weight and not missing_weights(meta, tmp_path)
+    materialize_(meta, tmp_path, "cpu", method)
+    assert meta.lm_head.weight is meta.model.embed_tokens.weight
+    assert torch.equal(meta.lm_head.weight, loaded.lm_head.weight)
+
+
 def test_the_ptq_skeleton_fills_to_the_teachers_copy_rounded_through_the_teachers_dtype(teacher_dir):
     meta = load_model_on_meta(teacher_dir, torch.float32)
     student, report = ptq_skeleton(meta.model, QuantConfig())

@@ -220,7 +220,11 @@ def materialize_(model: nn.Module, model_dir: Path, device: torch.device | str, 
                          f"({', '.join(stored.missing[:3])})")
     device = torch.device(device)
     buffers = {name: b.detach().clone() for name, b in model.named_buffers() if not b.is_meta}
+    tied = _tied(model)
     model.to_empty(device=device)
+    for alias, first in tied:  # to_empty gives each name its own tensor outside FSDP2: tie them again
+        module, _, attr = alias.rpartition(".")
+        model.get_submodule(module)._parameters[attr] = model.get_parameter(first)
     for name, buffer in model.named_buffers():
         if name in buffers:
             buffer.copy_(buffers[name])
@@ -242,6 +246,18 @@ def materialize_(model: nn.Module, model_dir: Path, device: torch.device | str, 
             if dtype is not None and dtype != t.dtype:
                 _local(t).copy_(_local(t).to(dtype))
     return model
+
+
+def _tied(model: nn.Module) -> list[tuple[str, str]]:
+    """(alias, first name) of every parameter registered under two names (a head tied to the embedding)."""
+    first: dict[int, str] = {}
+    tied = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied.append((name, first[id(param)]))
+        else:
+            first[id(param)] = name
+    return tied
 
 
 def read_expert(source: StoredExperts, expert: int, handles: Mapping[Path, object],
