@@ -183,6 +183,24 @@ def test_the_moe_ptq_skeleton_fills_to_the_skeleton_of_the_loaded_teacher(moe_di
     assert all(torch.equal(p, want[n]) for n, p in student.named_parameters())
 
 
+def test_a_bf16_teachers_student_rounds_each_tensor_through_the_teachers_own_dtype(moe_dirs):
+    """build_sharded's `round_to` on a GPU: a bf16 nemotron_h teacher keeps its routers (gate.weight and the score
+    correction buffer) in float32 (`_keep_in_fp32_modules_strict`), so the student copies those unrounded and the
+    rest rounded through bf16, as `ptq_skeleton` of the loaded bf16 teacher does."""
+    directory = moe_dirs["nemotron_h"]
+    want, _ = ptq_skeleton(load_model(directory, device="cpu", dtype=torch.bfloat16).model, QuantConfig())
+    teacher = load_model_on_meta(directory, torch.bfloat16).model
+    dtypes = {file_name(n): t.dtype for n, t in [*teacher.named_parameters(), *teacher.named_buffers()]}
+    assert dtypes["model.layers.1.mixer.gate.weight"] == torch.float32 != dtypes["model.layers.1.mixer.experts.up_proj"]
+    student, _ = ptq_skeleton(load_model_on_meta(directory, torch.float32).model, QuantConfig())
+    materialize_(student, directory, "cpu", "dcp", round_to=dtypes)
+    got = state(student)
+    for name, tensor in state(want).items():
+        assert torch.equal(got[name], tensor), name
+    gate = got["model.layers.1.mixer.gate.weight"]
+    assert not torch.equal(gate, gate.bfloat16().float())  # unrounded: a single dtype would have rounded it
+
+
 def test_a_missing_expert_tensor_is_refused_by_name(moe_dirs, tmp_path):
     for item in moe_dirs["mixtral"].iterdir():
         (tmp_path / item.name).write_bytes(item.read_bytes())
