@@ -87,6 +87,16 @@ def _persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _quant_method(model: nn.Module) -> str | None:
+    """The `quant_method` of the model config's quantization_config (a dict or a config object), None without."""
+    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quantization is None:
+        return None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else \
+        getattr(quantization, "quant_method", None)
+    return str(method or "unnamed")
+
+
 def _conversions(model: nn.Module) -> tuple[list, list]:
     """transformers' load-time (renamings, converters) for `model`, as `from_pretrained` collects them."""
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -105,10 +115,7 @@ def stored_weights(model: nn.Module, model_dir: Path) -> StoredWeights:
     from transformers.core_model_loading import apply_renamings, rename_source_key
 
     files = weight_keys(model_dir)
-    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
-    out = StoredWeights(files=files, quantized=None if quantization is None else str(
-        quantization.get("quant_method", "yes") if isinstance(quantization, dict) else
-        getattr(quantization, "quant_method", "yes")))
+    out = StoredWeights(files=files, quantized=_quant_method(model))
     params = {file_name(n): p for n, p in model.named_parameters()}
     buffers = _persistent_buffers(model)
     known = {**buffers, **params}
