@@ -107,3 +107,19 @@ def test_bad_lean_flags_are_one_error_line(capsys, flags, message):
     assert cli.main(["plan", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ckaqad: error:") and message in err[0]
+
+
+def test_an_moe_is_planned_built_on_meta_unless_loaded_whole(capsys):
+    """Nemotron-3-Nano-30B-A3B on one node of 8 x 80 GB with 1.5 TB of host memory: built on meta (its per-expert
+    checkpoint is read expert by expert, parallel/loading.py) it fits 2 GPUs with offload; built whole on every
+    rank (`--load-method whole`) nothing does, and the plan says why."""
+    lean = dict(teacher="nemotron-3-nano-30b-a3b", gpus=8, gpu_memory=80, host_memory=1536, cpu_offload=True)
+    meta = plan.run(plan.Config(**lean))
+    assert meta["plan"]["meta_build"] and meta["why_not"] is None
+    assert (meta["proposal"]["gpus"], meta["proposal"]["lever"]) == (2, "+ CPU offload")
+    whole = plan.run(plan.Config(**lean, load_method="whole"))
+    out = capsys.readouterr().out
+    assert not whole["plan"]["meta_build"] and whole["proposal"] is None
+    assert "built whole on every rank: --load-method whole" in whole["why_not"]
+    assert "build peak: whole model, every rank (GPU)" in out and "none fits" in out
+    assert cli.main(["plan", "--load-method", "mmap"]) == 2 and "load method" in capsys.readouterr().err

@@ -1,6 +1,6 @@
-"""Settings shared by tests/parallel/test_moe_distributed.py and moe_worker.py: a tiny qwen3_moe teacher and a
-2-step kl+cka W4A4 distill run (global batch 4, calibration in 2 batches of 2 blocks, the final held-out evaluation
-in 3 batches of 4 blocks: sharded over 2 ranks, routing drift included)."""
+"""Settings shared by tests/parallel/test_moe_distributed.py and moe_worker.py: a tiny qwen3_moe teacher (7
+experts) and a 2-step kl+cka W4A4 distill run (global batch 4, calibration in 2 batches of 2 blocks, the final
+held-out evaluation in 3 batches of 4 blocks: sharded over 2 ranks, routing drift included)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ sys.path.insert(0, str(HERE.parent))  # tests/: conftest's tokenizer, moe_helper
 sys.path.insert(0, str(HERE.parent / "commands"))  # the distill tests' corpus
 
 from conftest import make_tiny_tokenizer  # noqa: E402
-from moe_helpers import make_tiny_moe  # noqa: E402
+from moe_helpers import tiny_config  # noqa: E402
 from test_distill_command import SEQ_LEN, corpus_text  # noqa: E402
 
 from ckaqad.commands import distill  # noqa: E402
@@ -26,7 +26,15 @@ STEPS = 2
 
 
 def make_workdir(root: Path) -> Path:
-    make_tiny_moe("qwen3_moe").save_pretrained(root / "teacher")
+    """The teacher saved by save_pretrained, per expert as hub MoE checkpoints are, with 7 experts: FSDP2 splits
+    them unevenly (4 + 3 rows per rank), which each rank's per-expert read of the meta build must follow."""
+    import torch
+    import transformers
+
+    config = tiny_config("qwen3_moe")
+    config.num_experts = 7
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).float().save_pretrained(root / "teacher")
     make_tiny_tokenizer().save_pretrained(root / "teacher")
     (root / "data.txt").write_text(corpus_text())
     return root

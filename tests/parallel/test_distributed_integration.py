@@ -57,6 +57,8 @@ def pair(tmp_path_factory) -> Iterator[tuple[Path, Path]]:
 
 def test_two_processes_train_the_embedded_model_as_one_does(pair):
     one, two = pair
+    # the embedded teacher (tied head, GGUF cache) is built on meta under torchrun, each rank reading its shards
+    assert [json.loads((r / "summary.json").read_text())["build"] for r in (one, two)] == ["whole", "meta"]
     a, b = records(one, "train"), records(two, "train")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
     for x, y in zip(a, b, strict=True):

@@ -47,14 +47,25 @@ def test_two_processes_train_the_moe_student_one_process_trains(runs):
     assert len(experts) == 4
     teacher = load_file(str(runs / "teacher" / "model.safetensors"))
     assert not any(k in teacher for k in experts)  # saved per expert by save_pretrained; compare to the student
-    # so the 2-process run cannot read them by name on meta: it loaded the whole teacher, as before
-    assert json.loads((runs / "r2" / "summary.json").read_text())["build"] == "whole"
+    assert any(k.endswith("experts.6.up_proj.weight") for k in teacher)  # as a hub MoE checkpoint stores them
+    # the 2-process run built both models on meta; each rank read its experts (4 and 3) from those files
+    assert a[experts[0]].shape[0] == 7
+    assert json.loads((runs / "r2" / "summary.json").read_text())["build"] == "meta"
+    assert json.loads((runs / "r1" / "summary.json").read_text())["build"] == "whole"
     diffs = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point()}
     assert max(diffs.values()) <= WEIGHT_ATOL, sorted(diffs.items(), key=lambda kv: -kv[1])[:4]
     amaxes = [k for k in a if k.endswith("_amax")]
     assert any(a[k].dim() == 1 for k in amaxes)  # per-expert weight amaxes [E]
     assert all(torch.equal(a[k], b[k]) for k in amaxes)
     assert all(bool((a[k] > 0).all()) for k in amaxes if k.endswith("input_amax"))
+
+
+def test_the_broadcast_load_method_fills_each_ranks_experts_as_from_pretrained(runs):
+    """moe_worker.py after the run: the teacher built on meta and sharded (7 experts: 4 rows on rank 0, 3 on rank
+    1), filled by rank 0's per-expert broadcasts, gathers to the from_pretrained teacher bit for bit."""
+    results = [json.loads((runs / f"broadcast-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["expert_rows"] for r in results] == [[4], [3]]
+    assert all(r["equal"] for r in results)
 
 
 def test_the_sharded_evaluation_of_the_moe_student_equals_one_process(runs):

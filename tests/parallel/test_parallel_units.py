@@ -263,13 +263,14 @@ def test_the_proposal_takes_the_fewest_gpus_then_the_first_lever_that_fits():
     assert propose(SHAPES["llama-3.1-8b"], 80 * 2**30, 8, 256, 8, 1, 1 * 2**30) is None
 
 
-def test_a_mixture_of_experts_is_planned_as_distill_builds_it_whole():
-    """Hub MoE checkpoints store experts one by one (transformers fuses them on load), so distill builds such a
-    teacher whole on every rank; the plan says so unless told the meta build applies."""
+def test_a_mixture_of_experts_is_planned_built_on_meta_and_whole_only_when_asked():
+    """distill builds an MoE teacher stored one expert at a time on meta (parallel.loading reads each rank's
+    experts), so the plan does by default; `meta_build=False` (`--load-method whole`) plans every rank whole."""
     nano = SHAPES["nemotron-3-nano-30b-a3b"]
-    whole = plan_memory(nano, 8, 8, 256, teacher_sharded=True, offload=True)
-    meta = plan_memory(nano, 8, 8, 256, teacher_sharded=True, offload=True, meta_build=True)
+    whole = plan_memory(nano, 8, 8, 256, teacher_sharded=True, offload=True, meta_build=False)
+    meta = plan_memory(nano, 8, 8, 256, teacher_sharded=True, offload=True)
+    assert meta.meta_build and not whole.meta_build
     assert whole.build_peak == nano.parameters * 6 and whole.host_build_peak == nano.parameters * 2
     assert meta.build_peak == meta.teacher + 5 * 10**9 // 8 < whole.build_peak // 10
-    assert "built whole" in why_not(whole, 80 * 2**30, True, None, 8)
+    assert "built whole on every rank: --load-method whole" in why_not(whole, 80 * 2**30, True, None, 8)
     assert why_not(meta, 80 * 2**30, True, None, 8) is None

@@ -39,7 +39,7 @@ from ckaqad.parallel.fsdp import (
     rank_memory_bytes,
     shard_model,
 )
-from ckaqad.parallel.loading import materialize_, missing_weights
+from ckaqad.parallel.loading import file_name, materialize_, meta_unreadable
 from ckaqad.parallel.memory import return_freed_host_memory
 from ckaqad.paths import RunDir
 from ckaqad.quant.linear import QuantConfig
@@ -241,8 +241,9 @@ def build_trainee(config: Config, teacher_loaded: LoadedModel | None = None, wor
     torch.manual_seed(config.train.seed)
     on_meta = builds_on_meta(config, teacher_loaded, world)
     if not on_meta and meta_requested(config, teacher_loaded, world) and world.is_main:
-        print(f"note: {config.teacher}: the weight files do not hold the model's parameters under their names "
-              "(converted on load), so every rank loads the whole teacher (--load-method whole)")
+        print(f"note: {config.teacher}: its weight files cannot fill a model built on meta (no safetensors, or "
+              "tensors transformers converts on load other than experts), so every rank loads the whole teacher "
+              "(--load-method whole)")
     if on_meta:
         teacher, blocks, student, report = build_sharded(config, world)
     else:
@@ -276,12 +277,13 @@ def meta_requested(config: Config, teacher_loaded: LoadedModel | None, world: Wo
 def builds_on_meta(config: Config, teacher_loaded: LoadedModel | None, world: World) -> bool:
     """Whether this run builds teacher and PTQ student on the meta device and loads each rank's shards (a
     torchrun job with a ptq student; a loaded student or a teacher passed in loads as a plain process does).
-    A teacher whose safetensors do not hold its parameters under their names (transformers converts them on
-    load: per-expert files of fused experts, a .bin checkpoint) is loaded whole, as `--load-method whole`."""
+    Renamed tensors and per-expert files of fused experts (every hub MoE) are read on meta
+    (`parallel.loading.stored_weights`); a teacher whose files cannot be (a .bin checkpoint, a conversion other
+    than merging experts: `meta_unreadable`) is loaded whole, as `--load-method whole`."""
     if not meta_requested(config, teacher_loaded, world):
         return False
     meta = load_model_on_meta(config.teacher, torch.float32)  # no weights: a config and a tokenizer
-    return not missing_weights(meta.model, meta.model_dir)
+    return meta_unreadable(meta.model, meta.model_dir) is None
 
 
 def build_sharded(config: Config, world: World) -> tuple[LoadedModel, TokenBlocks, torch.nn.Module, dict]:
@@ -296,10 +298,11 @@ def build_sharded(config: Config, world: World) -> tuple[LoadedModel, TokenBlock
     place_models(student, teacher, config.parallel, world, device=device)
     method = config.parallel.load_method
     materialize_(teacher.model, teacher.model_dir, device, method)
-    teacher_dtype = next(teacher.model.parameters()).dtype
     # the plain path copies the loaded teacher into float32: the file's values rounded to the teacher's dtype
+    # of each tensor (bf16, or float32 where the model keeps it: nemotron_h's and deepseek_v3's routers)
+    dtypes = {file_name(n): t.dtype for n, t in [*teacher.model.named_parameters(), *teacher.model.named_buffers()]}
     materialize_(student, teacher.model_dir, device, method,
-                 round_to=teacher_dtype if teacher_dtype != torch.float32 else None)
+                 round_to=dtypes if any(d != torch.float32 for d in dtypes.values()) else None)
     teacher.on_meta = False
     blocks = load_blocks(config.data, teacher.model, teacher.tokenizer)
     calibration = rank_calibration(blocks, config.quant, world, equal_counts=True)

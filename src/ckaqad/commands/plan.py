@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 from ckaqad.errors import ConfigError
 from ckaqad.files import write_json
-from ckaqad.parallel.config import REPLICATE_SHARE, TEACHER_SHARDING
+from ckaqad.parallel.config import LOAD_METHODS, REPLICATE_SHARE, TEACHER_SHARDING
 from ckaqad.parallel.memory import (
     GIB,
     HEADROOM,
@@ -62,6 +62,8 @@ class Config:
     """most nodes the proposal may use"""
     host_memory: float = 0.0
     """host memory of one node in GiB (0: not checked)"""
+    load_method: str = "dcp"
+    """distill's --load-method: dcp or broadcast (built on meta, MoE included) or whole (built whole per rank)"""
 
     def __post_init__(self) -> None:
         if self.gpus < 1 or self.batch_size < 1 or self.seq_len < 1:
@@ -78,6 +80,8 @@ class Config:
             raise unknown_name("high-precision policy (--high-precision)", self.high_precision, HIGH_PRECISION)
         if self.optimizer not in OPTIMIZER_MOMENT_BYTES:
             raise unknown_name("optimizer (--optimizer)", self.optimizer, OPTIMIZER_MOMENT_BYTES)
+        if self.load_method not in LOAD_METHODS:
+            raise unknown_name("load method (--load-method)", self.load_method, LOAD_METHODS)
         if self.gpus_per_node < 1 or self.nodes < 1 or self.host_memory < 0:
             raise ConfigError("--gpus-per-node and --nodes must be at least 1, --host-memory at least 0")
 
@@ -95,10 +99,12 @@ def advice(config: Config, plan: MemoryPlan, memory: float) -> list[str]:
         return ["add --activation-checkpointing (fits with it)"]
     if not plan.teacher_sharded and config.gpus > 1:
         sharded = plan_memory(plan.shape, config.gpus, config.batch_size, config.seq_len, teacher_sharded=True,
-                              w4a4=config.scheme == "w4a4", train_high_precision=config.high_precision == "train")
+                              w4a4=config.scheme == "w4a4", train_high_precision=config.high_precision == "train",
+                              meta_build=plan.meta_build)
         if fits(sharded, memory, checkpointing=True):
             tips.append("use --teacher-sharding shard with --activation-checkpointing (fits with both)")
-    needed = fewest_gpus(plan.shape, memory, config.batch_size, config.seq_len, checkpointing=True)
+    needed = fewest_gpus(plan.shape, memory, config.batch_size, config.seq_len, checkpointing=True,
+                         meta_build=plan.meta_build)
     if needed:
         batch = -(-config.batch_size // needed) * needed
         tips.append(f"shard over at least {needed} GPUs of {config.gpu_memory:g} GiB (teacher sharded, activation "
@@ -114,7 +120,8 @@ def print_proposal(config: Config, shape, memory: float, host: float | None) -> 
     """Print and return the cheapest layout that fits on up to --nodes nodes of --gpus-per-node GPUs, and why
     each cheaper one does not."""
     found = propose(shape, memory, config.batch_size, config.seq_len, config.gpus_per_node, config.nodes, host,
-                    w4a4=config.scheme == "w4a4", train_high_precision=config.high_precision == "train")
+                    w4a4=config.scheme == "w4a4", train_high_precision=config.high_precision == "train",
+                    meta_build=config.load_method != "whole")
     limits = f"{config.nodes} node(s) of {config.gpus_per_node} x {config.gpu_memory:g} GiB" + \
         (f", {config.host_memory:g} GiB host memory per node" if host else "")
     if found is None:
@@ -128,7 +135,8 @@ def print_proposal(config: Config, shape, memory: float, host: float | None) -> 
     flags = [f"torchrun --nproc-per-node {min(found.gpus, config.gpus_per_node)}"] if launch else []
     if found.gpus > config.gpus_per_node:
         flags.append(f"--nnodes {found.gpus // config.gpus_per_node}")
-    flags += (["--activation-checkpointing"] if settings["checkpointing"] else []) + \
+    flags += (["--load-method whole"] if config.load_method == "whole" else []) + \
+        (["--activation-checkpointing"] if settings["checkpointing"] else []) + \
         (["--teacher-sharding shard"] if settings["shard"] else []) + \
         ([f"--optimizer {settings['optimizer']}"] if settings["optimizer"] != "adamw" else []) + \
         (["--cpu-offload"] if settings["offload"] else [])
@@ -145,7 +153,8 @@ def propose_failures(config: Config, shape, memory: float, host: float | None) -
     gpus = config.gpus_per_node * config.nodes
     batch = -(-max(config.batch_size, gpus) // gpus) * gpus
     plan = plan_memory(shape, gpus, batch, config.seq_len, teacher_sharded=gpus > 1, w4a4=config.scheme == "w4a4",
-                       train_high_precision=config.high_precision == "train", optimizer="adamw-bf16", offload=True)
+                       train_high_precision=config.high_precision == "train", optimizer="adamw-bf16", offload=True,
+                       meta_build=config.load_method != "whole")
     return f"{gpus} GPUs, every lever: {why_not(plan, memory, True, host, config.gpus_per_node)}"
 
 
@@ -158,7 +167,7 @@ def run(config: Config) -> dict:
         config.teacher_sharding == "auto" and config.gpus > 1 and teacher_bytes > REPLICATE_SHARE * memory)
     plan = plan_memory(shape, config.gpus, config.batch_size, config.seq_len, sharded, w4a4=config.scheme == "w4a4",
                        train_high_precision=config.high_precision == "train", optimizer=config.optimizer,
-                       offload=config.cpu_offload)
+                       offload=config.cpu_offload, meta_build=config.load_method != "whole")
     where = ", in host memory" if config.cpu_offload else ""
     moments = "bf16" if config.optimizer == "adamw-bf16" else "FP32"
     rows = [("teacher weights (bf16, " + ("sharded" if sharded else "replicated") + ")", plan.teacher),
@@ -184,7 +193,8 @@ def run(config: Config) -> dict:
         result["fits_with_checkpointing" if checkpointing else "fits"] = ok
         result["total_bytes_with_checkpointing" if checkpointing else "total_bytes"] = total
     print(f"{'held-out evaluation peak (GPU)':44s} {_gib(plan.eval_peak)}")
-    print(f"{'build peak: shards + a weight file slice (GPU)':44s} {_gib(plan.build_peak)}")
+    build = "shards + a weight file slice" if plan.meta_build else "whole model, every rank"
+    print(f"{f'build peak: {build} (GPU)':44s} {_gib(plan.build_peak)}")
     print(f"{'host RSS of rank 0 (runtime + offload, write)':44s} {_gib(plan.host_per_rank())}")
     host = config.host_memory * GIB if config.host_memory else None
     result["why_not"] = why_not(plan, memory, True, host, config.gpus_per_node)

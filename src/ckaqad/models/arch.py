@@ -152,7 +152,9 @@ def checkpoint_expert_names(model: nn.Module, module_name: str) -> dict[tuple[in
     None where `save_pretrained` keeps the experts fused (gpt_oss).
 
     Found by running transformers' own `revert_weight_conversion` on a stand-in state dict whose every
-    (expert, projection) slice holds a distinct value, so no family's renaming is re-typed here.
+    (expert, projection) slice holds a distinct value, so no family's renaming is re-typed here. The stand-in
+    has the experts' count but 2 x 3 values per slice: the reversal splits, transposes and renames, which a
+    constant slice survives, and a full-size stand-in of a 30B MoE would be gigabytes per layer.
     """
     from transformers.core_model_loading import revert_weight_conversion
 
@@ -163,13 +165,11 @@ def checkpoint_expert_names(model: nn.Module, module_name: str) -> dict[tuple[in
     tags: dict[float, tuple[int, str]] = {}
     state = {}
     for param in layout.fused:
-        stored = module._parameters[param]
-        canon_shape = layout.canonical(param, torch.empty(stored.shape, device="meta")).shape  # [E, out, in]
-        rows = canon_shape[1] // len(layout.fused[param])
+        count = module._parameters[param].shape[0]
         parts = {}
         for proj in layout.fused[param]:
-            values = torch.empty(canon_shape[0], rows, canon_shape[2])
-            for e in range(canon_shape[0]):
+            values = torch.empty(count, 2, 3)
+            for e in range(count):
                 tag = float(len(tags) + 1)
                 tags[tag] = (e, proj)
                 values[e] = tag

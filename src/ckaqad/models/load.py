@@ -203,6 +203,9 @@ def load_model_on_meta(spec: str | os.PathLike, dtype: torch.dtype) -> LoadedMod
         # be computed here; only parameters go to meta.
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # accelerate's patched `register_parameter` makes a new meta tensor for the head that the constructor
+        # tied to the embedding; tie them again as from_pretrained does (a tied head is not in the files)
+        model.tie_weights()
     except Exception as exc:
         raise ModelError(f"cannot build the model in {model_dir}: {exc}") from exc
     model.config._name_or_path = str(model_dir)  # what from_pretrained records (the corpus cache key reads it)

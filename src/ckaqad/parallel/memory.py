@@ -297,6 +297,8 @@ class MemoryPlan:
     """host bytes rank 0 adds while it writes the final student: one file of STUDENT_FILE_BYTES at most"""
     runtime: int = RUNTIME_HOST_BYTES
     """host bytes of the process before any weight (RUNTIME_HOST_BYTES)"""
+    meta_build: bool = True
+    """built on meta, each rank reading its shards (False: built whole on every rank, `--load-method whole`)"""
 
     @property
     def state(self) -> int:
@@ -336,7 +338,7 @@ class MemoryPlan:
 def plan_memory(shape: LlamaShape, gpus: int, batch_blocks: int, seq_len: int, teacher_sharded: bool,
                 compute_bytes: int = 2, teacher_bytes: int = 2, w4a4: bool = True, rank: int = 0,
                 train_high_precision: bool = False, optimizer: str = "adamw", offload: bool = False,
-                eval_gathers: bool = False, file_bytes: int | None = None, meta_build: bool | None = None
+                eval_gathers: bool = False, file_bytes: int | None = None, meta_build: bool = True
                 ) -> MemoryPlan:
     """Per-rank bytes for `batch_blocks` blocks of `seq_len` tokens per micro-batch (all ranks together).
 
@@ -347,8 +349,9 @@ def plan_memory(shape: LlamaShape, gpus: int, batch_blocks: int, seq_len: int, t
     OPTIMIZER_MOMENT_BYTES; `offload`: FSDP2's CPUOffloadPolicy (`--cpu-offload`). `eval_gathers`: the held-out
     evaluation gathers the whole student (before the sharded evaluation); `file_bytes`: bytes per element of
     the weight files (default: `teacher_bytes`). `meta_build`: the models are built on meta and each rank reads
-    its shards; default: what distill does, a dense model on meta, a mixture of experts whole on every rank
-    (hub checkpoints store experts one by one, which transformers fuses on load: distill.builds_on_meta)."""
+    its shards, as distill does under torchrun for every safetensors teacher, a mixture of experts stored one
+    expert at a time included (parallel.loading); False: built whole on every rank (`--load-method whole`, the
+    only way for a .bin checkpoint: distill.builds_on_meta)."""
     if gpus < 1 or batch_blocks < 1 or seq_len < 1:
         raise ConfigError("--gpus, --batch-size and --seq-len must be at least 1")
     if optimizer not in OPTIMIZER_MOMENT_BYTES:
@@ -392,11 +395,12 @@ def plan_memory(shape: LlamaShape, gpus: int, batch_blocks: int, seq_len: int, t
         + 2 * logits // 3
     # The build: the rank's shards, then the rank's slice of one weight file mapped while it is read.
     reading = min(shape.parameters * (file_bytes or teacher_bytes), WEIGHT_FILE_BYTES) // gpus
-    meta = meta_build if meta_build is not None else not shape.experts
     # Built whole: every rank holds the whole teacher and the whole FP32 student before `fully_shard`, after
     # `from_pretrained` read the whole teacher on the host.
-    build_peak = teacher + (0 if offload else masters) + reading if meta else shape.parameters * (teacher_bytes + 4)
-    host_build_peak = reading + (masters if offload else 0) if meta else shape.parameters * teacher_bytes
+    build_peak = teacher + (0 if offload else masters) + reading if meta_build \
+        else shape.parameters * (teacher_bytes + 4)
+    host_build_peak = reading + (masters if offload else 0) if meta_build \
+        else shape.parameters * teacher_bytes
     whole_student = shape.parameters * 4
     return MemoryPlan(shape=shape, gpus=gpus, teacher_sharded=teacher_sharded, tokens_per_rank=tokens,
                       teacher=teacher, student_masters=masters, gradients=sharded_trained * 4,
@@ -404,7 +408,7 @@ def plan_memory(shape: LlamaShape, gpus: int, batch_blocks: int, seq_len: int, t
                       activations_checkpointed=checkpointed, logits=logits, offload=offload,
                       optimizer_name=optimizer, build_peak=build_peak, host_build_peak=host_build_peak,
                       eval_peak=eval_peak,
-                      host_write_peak=min(whole_student, STUDENT_FILE_BYTES))
+                      host_write_peak=min(whole_student, STUDENT_FILE_BYTES), meta_build=meta_build)
 
 
 def fits(plan: MemoryPlan, memory_bytes: float, checkpointing: bool) -> bool:
@@ -422,7 +426,7 @@ def why_not(plan: MemoryPlan, memory_bytes: float, checkpointing: bool, host_byt
         return f"the held-out evaluation needs {plan.eval_peak / GIB:.1f} GiB per GPU > {limit / GIB:.1f}"
     if plan.build_peak > limit:
         return (f"building needs {plan.build_peak / GIB:.1f} GiB per GPU > {limit / GIB:.1f}"
-                + (" (a mixture of experts is built whole on every rank)" if plan.shape.experts else ""))
+                + ("" if plan.meta_build else " (built whole on every rank: --load-method whole)"))
     if host_bytes_per_node is not None:
         host = plan.host_per_rank() * min(gpus_per_node, plan.gpus)
         if host > (1 - HEADROOM) * host_bytes_per_node:
@@ -455,7 +459,7 @@ class Proposal:
 
 def propose(shape: LlamaShape, memory_bytes: float, batch_blocks: int, seq_len: int, gpus_per_node: int,
             max_nodes: int, host_bytes_per_node: float | None, w4a4: bool = True,
-            train_high_precision: bool = False) -> Proposal | None:
+            train_high_precision: bool = False, meta_build: bool = True) -> Proposal | None:
     """The cheapest layout that fits: fewest GPUs (1, 2, 4, ... up to a node, then whole nodes), and on that
     many the first lever of LEVERS that fits (a GPU costs more than any of them). None when nothing fits."""
     counts = [g for g in (1, 2, 4, 8, 16) if g < gpus_per_node] + [gpus_per_node * n for n in range(1, max_nodes + 1)]
@@ -468,7 +472,7 @@ def propose(shape: LlamaShape, memory_bytes: float, batch_blocks: int, seq_len: 
             settings = {**settings, "shard": settings["shard"] and gpus > 1}
             plan = plan_memory(shape, gpus, batch, seq_len, teacher_sharded=settings["shard"], w4a4=w4a4,
                                train_high_precision=train_high_precision, optimizer=settings["optimizer"],
-                               offload=settings["offload"])
+                               offload=settings["offload"], meta_build=meta_build)
             reason = why_not(plan, memory_bytes, settings["checkpointing"], host_bytes_per_node, gpus_per_node)
             if reason is None:
                 return Proposal(gpus, lever, settings, plan, tuple(tried))
@@ -477,12 +481,12 @@ def propose(shape: LlamaShape, memory_bytes: float, batch_blocks: int, seq_len: 
 
 
 def fewest_gpus(shape: LlamaShape, memory_bytes: float, batch_blocks: int, seq_len: int, checkpointing: bool,
-                limit: int = 4096) -> int | None:
+                limit: int = 4096, meta_build: bool = True) -> int | None:
     """The smallest number of GPUs (teacher sharded) on which the run fits (training, evaluation and build), None
     beyond `limit`."""
     gpus = 1
     while gpus <= limit:
-        plan = plan_memory(shape, gpus, max(batch_blocks, gpus), seq_len, teacher_sharded=True)
+        plan = plan_memory(shape, gpus, max(batch_blocks, gpus), seq_len, teacher_sharded=True, meta_build=meta_build)
         if why_not(plan, memory_bytes, checkpointing, None, gpus) is None:
             return gpus
         gpus *= 2
