@@ -269,8 +269,9 @@ def test_export_directory_is_loaded_back_into_a_student(student_eval, workdir, t
     teacher = load_model(workdir / "teacher", device="cpu")
     student, _ = load_student_dir(workdir / "student")
     export_student(student, teacher.tokenizer, tmp_path / "exp")
-    payload = evaluate_into(tmp_path, "out", model=str(tmp_path / "exp"), teacher=str(workdir / "teacher"))
-    assert payload["label"] == "export:exp"
+    payload = evaluate_into(tmp_path, "out", model=str(tmp_path / "exp"), teacher=str(workdir / "teacher"),
+                            runtime="ckaqad")
+    assert payload["label"] == "export:exp" and payload["runtime"] == "ckaqad"
     # The export stores the unquantized tensors in bf16: close to the float32 student, not equal.
     assert payload["fidelity"]["kl_per_token"] == pytest.approx(student_eval["fidelity"]["kl_per_token"], rel=0.2)
 
@@ -358,8 +359,26 @@ def test_invalid_eval_config(kwargs, match):
         Config(**kwargs)
 
 
+def test_an_export_is_measured_as_served_by_default_and_anything_else_as_the_student(workdir, tmp_path):
+    """`--runtime auto` (the default): a compressed-tensors export is the model transformers serves, a ModelOpt
+    export (which transformers does not load) and a student directory are ckaqad's students."""
+    from ckaqad.export.writer import export_student
+
+    teacher = load_model(workdir / "teacher", device="cpu")
+    student, _ = load_student_dir(workdir / "student")
+    export_student(student, teacher.tokenizer, tmp_path / "ct")
+    export_student(student, teacher.tokenizer, tmp_path / "mo", layout="modelopt")
+    assert Config(model=str(tmp_path / "ct")).resolved_runtime == "transformers"
+    assert Config(model=str(tmp_path / "ct"), runtime="ckaqad").resolved_runtime == "ckaqad"
+    assert Config(model=str(tmp_path / "mo")).resolved_runtime == "ckaqad"
+    assert Config(model=str(workdir / "student")).resolved_runtime == "ckaqad"
+    assert Config().resolved_runtime == "ckaqad"
+    payload = evaluate_into(tmp_path, "out", model=str(tmp_path / "ct"), teacher=str(workdir / "teacher"))
+    assert payload["runtime"] == "transformers" and payload["label"] == "export:ct (transformers)"
+
+
 def test_transformers_runtime_is_for_export_directories_only(workdir):
-    with pytest.raises(ConfigError, match="--runtime must be ckaqad or transformers, got 'vllm'"):
+    with pytest.raises(ConfigError, match="--runtime must be auto, ckaqad or transformers, got 'vllm'"):
         Config(runtime="vllm")
     for model in ("default", str(workdir / "teacher"), str(workdir / "student")):
         with pytest.raises(ConfigError, match="--runtime transformers evaluates export directories only"):

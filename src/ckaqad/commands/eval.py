@@ -3,8 +3,8 @@
 Suites (`eval.suites.SUITES`): `fidelity` (needs the teacher: held-out KL, perplexity, top-1 agreement,
 per-layer CKA), `humaneval` (canonical-solution NLL and execution pass@k of completions, run in sandboxed
 subprocesses), `lm-eval` (lm-evaluation-harness tasks from local YAML and data). Students are evaluated
-exactly as trained: the fake-quant model (an export is loaded back into one); `--runtime transformers` instead
-evaluates a compressed-tensors export as transformers serves it (`export.reader.load_served`, bf16).
+exactly as trained: the fake-quant model. A compressed-tensors export is evaluated as transformers serves it
+(`export.reader.load_served`, bf16) unless `--runtime ckaqad` loads it back into ckaqad's student.
 `--model default` measures
 the embedded teacher against itself. Writes eval.json, eval.md and results.json atomically.
 """
@@ -23,7 +23,7 @@ from ckaqad.eval.gsm_sem.checks import LEVELS
 from ckaqad.eval.gsm_sem.score import PROMPT_STYLES
 from ckaqad.eval.suites import NEEDS_TEACHER, SUITES
 from ckaqad.eval.tasks import task_metrics, task_table
-from ckaqad.export.reader import load_served
+from ckaqad.export.reader import inspect_export, load_served
 from ckaqad.files import atomic_directory, check_writable, write_json, write_text
 from ckaqad.models.load import LoadedModel, load_model, resolve_device
 from ckaqad.paths import detect, run_teacher_spec
@@ -36,7 +36,7 @@ from ckaqad.students.store import check_vocabulary
 HELP = "evaluate a model, run or export: fidelity to the teacher, HumanEval, lm-eval tasks"
 
 PROMPT_CHOICES = ("auto", "completion", "instruct")
-RUNTIMES = ("ckaqad", "transformers")
+RUNTIMES = ("auto", "ckaqad", "transformers")
 STUDENT_KINDS = ("export", "student", "run")  # `paths.detect` kinds loaded as students of a teacher
 
 
@@ -46,8 +46,8 @@ class Config:
     """model to evaluate: default, a .gguf file, an HF directory, a run, student or export directory"""
     teacher: str | None = None
     """teacher for fidelity (default: the run's teacher, else the embedded model)"""
-    runtime: str = "ckaqad"
-    """ckaqad (the fake-quant student, as trained) or transformers (an export as from_pretrained serves it, bf16)"""
+    runtime: str = "auto"
+    """auto (an export as served, else ckaqad), ckaqad (the fake-quant student) or transformers (bf16, served)"""
     suite: str = "fidelity,humaneval"
     """comma-separated suites: fidelity, humaneval, lm-eval, tasks (0-shot ARC, PIQA, ... from local data), gsm-sem"""
     tasks: str | None = None
@@ -105,9 +105,13 @@ class Config:
         if self.humaneval_samples > 1 and self.temperature <= 0:
             raise ConfigError("--humaneval-samples > 1 needs --temperature > 0 (greedy samples are identical)")
         if self.runtime not in RUNTIMES:
-            raise ConfigError(f"--runtime must be ckaqad or transformers, got {self.runtime!r}")
+            raise ConfigError(f"--runtime must be auto, ckaqad or transformers, got {self.runtime!r}")
         if self.runtime == "transformers" and detect(Path(self.model).expanduser()) != "export":
             raise ConfigError(f"--runtime transformers evaluates export directories only; {self.model} is not one")
+
+    @property
+    def resolved_runtime(self) -> str:
+        return model_runtime(self.model, self.runtime)
 
     @property
     def suites(self) -> list[str]:
@@ -120,6 +124,18 @@ class Config:
 
 
 
+
+
+def model_runtime(spec: str, runtime: str = "auto") -> str:
+    """The runtime that measures model `spec` under `--runtime runtime`. `auto`: a compressed-tensors export as
+    transformers serves it (the model users deploy;
+    docs/serving.md#which-arithmetic-load_exportdir-and-ckaqad-eval---model-export-use-by-default); any other
+    model, and a ModelOpt export (TensorRT-LLM's layout, which transformers does not load), as ckaqad's student."""
+    if runtime != "auto":
+        return runtime
+    path = Path(spec).expanduser()
+    served = detect(path) == "export" and inspect_export(path).layout.name == "compressed-tensors"
+    return "transformers" if served else "ckaqad"
 
 
 @dataclass
@@ -214,12 +230,13 @@ def run(config: Config) -> dict:
     """Evaluate --model with every suite; write --out atomically, print eval.md; return the eval.json payload."""
     out = check_writable(config.out)
     started = time.perf_counter()
+    runtime = config.resolved_runtime
     target = load_eval_model(config.model, config.teacher, config.device, need_teacher=config.needs_teacher,
-                             runtime=config.runtime)
+                             runtime=runtime)
     target.model.eval()
     payload: dict = {"model": config.model, "label": target.label,
                      "teacher": target.teacher.source if target.teacher else None,
-                     "runtime": config.runtime, "device": str(next(target.model.parameters()).device),
+                     "runtime": runtime, "device": str(next(target.model.parameters()).device),
                      "config": asdict(config)}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=next(target.model.parameters()).is_cuda)
     with autocast:

@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from ckaqad.commands.eval import load_eval_model
+from ckaqad.commands.eval import RUNTIMES, load_eval_model, model_runtime
 from ckaqad.data.blocks import DataConfig, load_blocks
 from ckaqad.errors import ConfigError
 from ckaqad.eval.gsm_sem import data, generate, score
@@ -84,8 +84,8 @@ class Config:
     """score: comma list of default, ptq, run/student/export dirs, .gguf, HF dirs (the first: McNemar reference)"""
     teacher: str | None = None
     """score: teacher of ptq and of run / student directories (default: the run's, else the embedded model)"""
-    runtime: str = "ckaqad"
-    """score: ckaqad (fake-quant students as trained) or transformers (exports as transformers serves them)"""
+    runtime: str = "auto"
+    """score: auto (exports as served, the rest as ckaqad), ckaqad (fake-quant students) or transformers (exports)"""
     prompt: str = "8shot"
     """score: 8shot (the standard GSM8K chain-of-thought exemplars) or chat (0-shot, chat template)"""
     max_tokens: int = 256
@@ -113,8 +113,8 @@ class Config:
             raise ConfigError("--judges needs at least one model")
         if self.prompt not in score.PROMPT_STYLES:
             raise ConfigError(f"--prompt must be one of {', '.join(score.PROMPT_STYLES)}, got {self.prompt!r}")
-        if self.runtime not in ("ckaqad", "transformers"):
-            raise ConfigError(f"--runtime must be ckaqad or transformers, got {self.runtime!r}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"--runtime must be auto, ckaqad or transformers, got {self.runtime!r}")
         if self.action == "score" and not self.variants:
             raise ConfigError("gsm-sem score needs --variants (a generate output directory or the released files)")
         Sampling(temperature=self.temperature)
@@ -183,7 +183,7 @@ def load_scored_model(spec: str, config: Config):
         blocks = load_blocks(DataConfig(), teacher.model, teacher.tokenizer)
         student = build_ptq_student(teacher.model, QuantConfig(), blocks)[0].requires_grad_(False)
         return student, teacher.tokenizer, "ptq (nvfp4 w4a4)"
-    runtime = config.runtime if detect(Path(spec).expanduser()) == "export" else "ckaqad"
+    runtime = model_runtime(spec, config.runtime) if detect(Path(spec).expanduser()) == "export" else "ckaqad"
     if config.runtime == "transformers" and detect(Path(spec).expanduser()) in ("run", "student"):
         raise ConfigError(f"--runtime transformers scores exports; export {spec} first (ckaqad export)")
     target = load_eval_model(spec, config.teacher, config.device, need_teacher=False, runtime=runtime)
